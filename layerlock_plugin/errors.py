@@ -1,0 +1,35 @@
+"""Errors raised by LayerLock, each naming what to fix."""
+
+from __future__ import annotations
+
+
+class LayerLockError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(LayerLockError, ValueError):
+    """A config field has a value that is not allowed.
+
+    The message always starts with the dotted field name, e.g.
+    ``schedule.interval: must be a positive integer, got 0``.
+    """
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class EncoderStructureError(LayerLockError, TypeError):
+    """A model does not expose the structure LayerLock needs (patch embedding + ordered blocks)."""
+
+
+class CheckpointError(LayerLockError, RuntimeError):
+    """A checkpoint is missing, truncated, corrupt or belongs to a different model/config."""
+
+
+class CollapseError(LayerLockError, RuntimeError):
+    """The collapse guard tripped under the ``raise`` policy."""
+
+
+class MissingDependencyError(LayerLockError, ImportError):
+    """An optional host framework is not installed; the message names the pip extra."""

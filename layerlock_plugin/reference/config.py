@@ -1,0 +1,222 @@
+"""The reference trainer's config: one YAML file, sections validated where they enter.
+
+Top-level sections (each error names the dotted path, e.g. ``optim.lr``)::
+
+    method: layerlock | mae | freeze-only | latent-naive
+    seed, out_dir
+    model:    ModelConfig fields (+ optional ``preset``)
+    data:     source: digits (DigitsVideoConfig fields) | folder (VideoFolderConfig fields);
+              num_frames / size / channels default to the model's
+    schedule, target, warmup, guard:  the LayerLock core configs
+    optim:    AdamW + linear-warmup cosine LR
+    train:    steps, batch size, logging and checkpoint cadence
+    probe:    ProbeConfig fields (+ ``enabled``)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import _validate as v
+from .._config import from_dict, to_dict
+from ..collapse import GuardConfig
+from ..controller import METHODS, LayerLockConfig
+from ..errors import ConfigError
+from ..schedule import ScheduleConfig
+from ..targets import TargetConfig
+from ..warmup import WarmupConfig
+from .data import DigitsVideoConfig, VideoFolderConfig
+from .model import ModelConfig
+from .probes import ProbeConfig
+
+DEFAULT_CONFIG = "tiny"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with a linear LR warmup then cosine decay to ``min_lr_ratio * lr``."""
+
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # 0 = off
+
+    def __post_init__(self) -> None:
+        v.positive_float("optim.lr", self.lr)
+        v.non_negative_float("optim.weight_decay", self.weight_decay)
+        if not (isinstance(self.betas, Sequence) and len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)):
+            raise ConfigError("optim.betas", f"must be two numbers in [0, 1), got {self.betas!r}")
+        v.non_negative_int("optim.warmup_steps", self.warmup_steps)
+        v.fraction("optim.min_lr_ratio", self.min_lr_ratio, allow_zero=True)
+        v.non_negative_float("optim.grad_clip", self.grad_clip)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1500
+    batch_size: int = 32
+    log_every: int = 10
+    ckpt_every: int = 500
+    num_workers: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        v.positive_int("train.steps", self.steps)
+        v.positive_int("train.batch_size", self.batch_size)
+        v.positive_int("train.log_every", self.log_every)
+        v.positive_int("train.ckpt_every", self.ckpt_every)
+        v.non_negative_int("train.num_workers", self.num_workers)
+        v.non_negative_int("train.threads", self.threads)
+        v.boolean("train.progress", self.progress)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str = "layerlock"
+    seed: int = 0
+    out_dir: str = "runs/demo"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.tiny())
+    data: DigitsVideoConfig | VideoFolderConfig = field(default_factory=DigitsVideoConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    warmup: WarmupConfig = field(default_factory=WarmupConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    probe_enabled: bool = True
+
+    def __post_init__(self) -> None:
+        v.one_of("method", self.method, METHODS)
+        v.non_negative_int("seed", self.seed)
+        if not isinstance(self.out_dir, str) or not self.out_dir:
+            raise ConfigError("out_dir", f"must be a folder path, got {self.out_dir!r}")
+        m, d = self.model, self.data
+        for name, want in (("num_frames", m.num_frames), ("size", m.img_size), ("channels", m.in_chans)):
+            have = getattr(d, name, want)
+            if have != want:
+                model_field = {"size": "img_size", "channels": "in_chans"}.get(name, name)
+                raise ConfigError(f"data.{name}", f"must equal model.{model_field} ({want}), got {have}")
+
+    @property
+    def data_source(self) -> str:
+        return "folder" if isinstance(self.data, VideoFolderConfig) else "digits"
+
+    def layerlock(self) -> LayerLockConfig:
+        """The core config for this run's method."""
+        return LayerLockConfig(
+            schedule=self.schedule, target=self.target, warmup=self.warmup, guard=self.guard
+        ).with_method(self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = to_dict(self)
+        out.pop("probe_enabled")
+        out["probe"]["enabled"] = self.probe_enabled
+        out["data"] = {"source": self.data_source, **out["data"]}
+        return out
+
+
+def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(name, f"must be a mapping of fields, got {value!r}")
+    return dict(value)
+
+
+def build_config(raw: Mapping[str, Any]) -> RunConfig:
+    """Validate a plain dict (parsed YAML with overrides applied) into a :class:`RunConfig`."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("config", f"must be a mapping of sections, got {type(raw).__name__}")
+    known = {f.name for f in dataclasses.fields(RunConfig)} - {"probe_enabled"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown section; allowed: {', '.join(sorted(known))}")
+    model = ModelConfig.from_dict(_section(raw, "model") or {"preset": "tiny"})
+    data_raw = _section(raw, "data")
+    source = v.one_of("data.source", data_raw.pop("source", "digits"), ("digits", "folder"))
+    data_raw.setdefault("num_frames", model.num_frames)
+    data_raw.setdefault("size", model.img_size)
+    if source == "digits":
+        data_raw.setdefault("channels", model.in_chans)
+        data: DigitsVideoConfig | VideoFolderConfig = DigitsVideoConfig.from_dict(data_raw)
+    else:
+        data = from_dict(VideoFolderConfig, data_raw, "data")
+    probe_raw = _section(raw, "probe")
+    probe_enabled = v.boolean("probe.enabled", probe_raw.pop("enabled", True))
+    kwargs: dict[str, Any] = dict(
+        model=model,
+        data=data,
+        probe=ProbeConfig.from_dict(probe_raw),
+        probe_enabled=probe_enabled,
+        schedule=from_dict(ScheduleConfig, _section(raw, "schedule"), "schedule"),
+        target=from_dict(TargetConfig, _section(raw, "target"), "target"),
+        warmup=from_dict(WarmupConfig, _section(raw, "warmup"), "warmup"),
+        guard=from_dict(GuardConfig, _section(raw, "guard"), "guard"),
+        optim=from_dict(OptimConfig, _section(raw, "optim"), "optim"),
+        train=from_dict(TrainConfig, _section(raw, "train"), "train"),
+    )
+    for key in ("method", "seed", "out_dir"):
+        if key in raw:
+            kwargs[key] = raw[key]
+    return RunConfig(**kwargs)
+
+
+def packaged_config_path(name: str) -> Path:
+    """Path of a config shipped inside the package (``tiny``)."""
+    return Path(str(resources.files("layerlock_plugin.reference") / "configs" / f"{name}.yaml"))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        shipped = packaged_config_path(str(path))
+        if shipped.is_file():
+            path = shipped
+        else:
+            raise ConfigError("--config", f"no such file: {path} (and no packaged config of that name)")
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("--config", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML: ``3``, ``0.5``, ``[2,8,8]``, ``true``)."""
+    raw = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("--set", f"expected key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        value = yaml.safe_load(text)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            child = node.get(p)
+            if child is None:
+                child = node[p] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(key, f"{p} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+    raw = load_yaml(path or DEFAULT_CONFIG)
+    return build_config(apply_overrides(raw, overrides))
+
+
+def dump_config(config: RunConfig, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)

@@ -1,0 +1,420 @@
+"""The reference video ViT masked autoencoder (4DS style) that LayerLock pretrains.
+
+One stack of ``depth`` pre-norm transformer blocks serves as both encoder and decoder (as in 4DS and
+the LayerLock paper): ``blocks[:encoder_depth]`` encode the visible tokens; learned query tokens for
+the positions to predict are then concatenated to them and the last ``decoder_depth`` blocks decode.
+Position comes from 3D RoPE (after ``norm1`` by default) and/or an additive embedding. A per-patch
+linear readout per target (``"pixels"``, ``"layer_k"``) maps the decoded queries to predictions.
+
+Shapes: ``B`` batch, ``C`` channels, ``T x H x W`` video, ``N`` patch tokens in ``(t h w)`` order,
+``V`` visible and ``Q`` query tokens, ``D`` width.
+
+The model implements the layered-encoder protocol (:mod:`layerlock_plugin.encoder`):
+``layerlock_units()`` lists the stem and the encoder blocks (never the decoder-reused ones) and
+``forward_prefix()`` runs the full, unmasked input through blocks ``1..k`` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import einops
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+from .. import _validate as V
+from ..encoder import EncoderUnits, FreezeUnit, check_layers
+from ..errors import ConfigError
+from ..targets import head_name, patchify
+from .rope import RoPE3D, apply_rope, rope_part_dims, sincos_pos_embed_3d
+
+__all__ = ["ModelConfig", "VideoMAE", "Block", "Attention", "PRESETS"]
+
+RopeEmb = tuple[torch.Tensor, torch.Tensor]
+
+# Named sizes. ``tiny`` is what the tests and the CPU demo use; the others follow the usual ViT
+# widths (giant = ViT-G/14's 1664 x 48 with MLP 8192, the 48-block model of the paper).
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(img_size=32, num_frames=8, tubelet=(2, 8, 8), embed_dim=96, depth=6, num_heads=3, decoder_depth=2),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+    "giant": dict(embed_dim=1664, depth=48, num_heads=16, mlp_ratio=8192 / 1664),
+}
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of :class:`VideoMAE`; every field is validated (errors name ``model.<field>``).
+
+    Defaults: ViT-B, 16 x 224 x 224 clips, 2 x 16 x 16 tubelets, 4 decoder blocks, 95% masking,
+    3D RoPE after norm1 and no additive position embedding.
+    """
+
+    img_size: int = 224
+    num_frames: int = 16
+    in_chans: int = 3
+    tubelet: tuple[int, int, int] = (2, 16, 16)  # (t, h, w)
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    decoder_depth: int = 4
+    mask_ratio: float = 0.95
+    rope: str = "after_norm"  # 'after_norm' | 'attention' | 'none'
+    rope_split: tuple[float, float, float] = (0.1, 0.25, 0.25)  # t, h, w; the rest is not rotated
+    rope_theta: float = 10000.0
+    pos_embed: str = "none"  # 'none' | 'sincos' | 'learned'
+    drop_path: float = 0.0
+    proj_drop: float = 0.0
+    qkv_bias: bool = True
+
+    ROPE_MODES: ClassVar[tuple[str, ...]] = ("after_norm", "attention", "none")
+    POS_EMBEDS: ClassVar[tuple[str, ...]] = ("none", "sincos", "learned")
+
+    def __post_init__(self) -> None:
+        f = "model."
+        for name in ("img_size", "num_frames", "in_chans", "embed_dim", "depth", "num_heads", "decoder_depth"):
+            V.positive_int(f + name, getattr(self, name))
+        self.tubelet = self._triple(f + "tubelet", self.tubelet, V.positive_int)
+        pt, ph, pw = self.tubelet
+        if self.num_frames % pt or self.img_size % ph or self.img_size % pw:
+            raise ConfigError(
+                f + "tubelet",
+                f"{self.tubelet} must divide (num_frames, img_size, img_size) = "
+                f"({self.num_frames}, {self.img_size}, {self.img_size})",
+            )
+        if self.embed_dim % self.num_heads:
+            raise ConfigError(f + "num_heads", f"must divide embed_dim={self.embed_dim}, got {self.num_heads}")
+        self.mlp_ratio = V.positive_float(f + "mlp_ratio", self.mlp_ratio)
+        if self.decoder_depth >= self.depth:
+            raise ConfigError(
+                f + "decoder_depth",
+                f"must be less than depth={self.depth} (the encoder needs at least one block), "
+                f"got {self.decoder_depth}",
+            )
+        self.mask_ratio = self._open_fraction(f + "mask_ratio", self.mask_ratio)
+        self.drop_path = self._open_fraction(f + "drop_path", self.drop_path, allow_zero=True)
+        self.proj_drop = self._open_fraction(f + "proj_drop", self.proj_drop, allow_zero=True)
+        V.boolean(f + "qkv_bias", self.qkv_bias)
+        V.one_of(f + "rope", self.rope, self.ROPE_MODES)
+        V.one_of(f + "pos_embed", self.pos_embed, self.POS_EMBEDS)
+        if self.rope == "none" and self.pos_embed == "none":
+            raise ConfigError(
+                f + "pos_embed", "must be 'sincos' or 'learned' when model.rope is 'none' (tokens need a position)"
+            )
+        self.rope_theta = V.positive_float(f + "rope_theta", self.rope_theta)
+        self.rope_split = self._triple(f + "rope_split", self.rope_split, V.non_negative_float)
+        if sum(self.rope_split) > 1.0 + 1e-9:
+            raise ConfigError(f + "rope_split", f"fractions (t, h, w) must sum to at most 1, got {self.rope_split}")
+        if self.rope != "none":
+            # An axis longer than one token whose share rounds down to zero channels would be invisible.
+            dim = self.rope_dim
+            for axis, size, d in zip("thw", self.grid, rope_part_dims(dim, self.rope_split)):
+                if size > 1 and d == 0:
+                    raise ConfigError(
+                        f + "rope_split",
+                        f"the {axis} share of {dim} rotated channels rounds down to 0 (need >= 2) while the "
+                        f"{axis} axis has {size} tokens; raise it or use a wider model",
+                    )
+
+    @staticmethod
+    def _triple(field: str, value: Any, check) -> tuple:
+        if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
+            raise ConfigError(field, f"must be a list of 3 numbers (t, h, w), got {value!r}")
+        return tuple(check(f"{field}[{i}]", v) for i, v in enumerate(value))
+
+    @staticmethod
+    def _open_fraction(field: str, value: Any, allow_zero: bool = False) -> float:
+        v = V.fraction(field, value, allow_zero=allow_zero)
+        if v >= 1.0:
+            raise ConfigError(field, f"must be less than 1, got {value!r}")
+        return v
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid ``(T', H', W')``."""
+        pt, ph, pw = self.tubelet
+        return self.num_frames // pt, self.img_size // ph, self.img_size // pw
+
+    @property
+    def rope_dim(self) -> int:
+        """Channels RoPE sees: a full token after norm1, one head inside attention."""
+        return self.embed_dim // self.num_heads if self.rope == "attention" else self.embed_dim
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named size from :data:`PRESETS` with ``overrides`` applied."""
+        if name not in PRESETS:
+            raise ConfigError("model.preset", f"must be one of {', '.join(map(repr, PRESETS))}; got {name!r}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides: Any) -> ModelConfig:
+        return cls.preset("tiny", **overrides)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """Build from a mapping (e.g. YAML); an optional ``preset`` key picks the base size.
+        An unknown key is an error naming ``model.<key>``."""
+        d = dict(d)
+        known = {fl.name for fl in fields(cls)} | {"preset"}
+        for key in d:
+            if key not in known:
+                raise ConfigError(f"model.{key}", f"unknown field; allowed: {', '.join(sorted(known))}")
+        preset = d.pop("preset", None)
+        return cls.preset(preset, **d) if preset is not None else cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention via ``F.scaled_dot_product_attention``; optional RoPE on q and k.
+
+    ``x [B, n, D]`` -> ``[B, n, D]``. ``rope`` (``(sin, cos)`` for these tokens, head-sized) rotates q and k
+    per head when given.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, rope: RopeEmb | None = None) -> torch.Tensor:
+        q, k, v = einops.rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj_drop(self.proj(einops.rearrange(x, "b h n d -> b n (h d)")))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + dp(attn(rope(norm1(x))))``, then ``x + dp(mlp(norm2(x)))``.
+
+    ``forward(x [B, n, D], rope)`` where ``rope`` is the ``(sin, cos)`` pair already gathered for these
+    ``n`` tokens' positions (see :meth:`VideoMAE.rope_emb`), or None. With ``rope_after_norm`` it rotates
+    the normalised token (4DS); otherwise it is handed to attention, which rotates q and k per head.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        drop_path: float = 0.0,
+        rope_after_norm: bool = True,
+    ):
+        super().__init__()
+        self.rope_after_norm = rope_after_norm
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=proj_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, round(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: RopeEmb | None = None) -> torch.Tensor:
+        h = self.norm1(x)
+        if rope is not None and self.rope_after_norm:
+            h, rope = apply_rope(h, rope), None
+        x = x + self.drop_path1(self.attn(h, rope))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+class VideoMAE(nn.Module):
+    """4DS-style video ViT MAE with a shared encoder/decoder block stack.
+
+    Args:
+        cfg: the architecture.
+        latent_target_layers: encoder blocks ``k`` (``1..encoder_depth-1``) that get a ``"layer_k"``
+            readout (``D -> D``) for LayerLock's latent targets; ``"pixels"`` (``D -> pt*ph*pw*C``) is
+            always there.
+    """
+
+    def __init__(self, cfg: ModelConfig, latent_target_layers: Sequence[int] = ()):
+        super().__init__()
+        self.cfg = cfg
+        d, (pt, ph, pw) = cfg.embed_dim, cfg.tubelet
+        self.encoder_depth = cfg.depth - cfg.decoder_depth
+        # timm has no 3D patch embed; a Conv3d with kernel = stride = tubelet is exactly one.
+        self.patch_embed = nn.Conv3d(cfg.in_chans, d, kernel_size=cfg.tubelet, stride=cfg.tubelet)
+        n = self.num_patches
+        if cfg.pos_embed == "learned":
+            self.pos_embed: torch.Tensor | None = nn.Parameter(torch.zeros(1, n, d))
+        elif cfg.pos_embed == "sincos":
+            self.register_buffer("pos_embed", sincos_pos_embed_3d(self.grid, d), persistent=False)
+        else:
+            self.pos_embed = None
+        self.rope = None if cfg.rope == "none" else RoPE3D(cfg.rope_dim, self.grid, cfg.rope_split, cfg.rope_theta)
+        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.proj_drop, dpr[i], cfg.rope == "after_norm")
+            for i in range(cfg.depth)
+        )
+        self.query_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.decoder_norm = nn.LayerNorm(d, eps=1e-6)
+        layers = sorted(set(int(k) for k in latent_target_layers))
+        if layers and not (1 <= layers[0] and layers[-1] <= self.encoder_depth - 1):
+            raise ConfigError(
+                "latent_target_layers",
+                f"must be encoder blocks in 1..{self.encoder_depth - 1} (encoder_depth - 1), got {layers}",
+            )
+        self.readouts = nn.ModuleDict({head_name(0): nn.Linear(d, pt * ph * pw * cfg.in_chans)})
+        for k in layers:
+            self.readouts[self.latent_head(k)] = nn.Linear(d, d)
+        self.apply(self._init_weights)
+        nn.init.normal_(self.query_token, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            trunc_normal_(self.pos_embed, std=0.02)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Conv3d)):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    # ----------------------------------------------------------------------------------- geometry
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        """Token grid ``(T', H', W')``."""
+        return self.cfg.grid
+
+    @property
+    def num_patches(self) -> int:
+        t, h, w = self.grid
+        return t * h * w
+
+    @staticmethod
+    def latent_head(k: int) -> str:
+        """Readout name for the target ``h_k``."""
+        return head_name(k)
+
+    def patchify(self, video: torch.Tensor) -> torch.Tensor:
+        """``[B, C, T, H, W]`` -> ``[B, N, pt*ph*pw*C]`` in the order the ``"pixels"`` readout predicts."""
+        return patchify(video, self.cfg.tubelet)
+
+    # ----------------------------------------------------------------------------------- LayerLock
+    def layerlock_units(self) -> EncoderUnits:
+        """The stem (patch embed + learned pos_embed) and the ``encoder_depth`` encoder blocks; the
+        decoder-reused blocks are left out so that they can never be frozen."""
+        extra = (self.pos_embed,) if isinstance(self.pos_embed, nn.Parameter) else ()
+        return EncoderUnits(
+            stem=FreezeUnit("stem", (self.patch_embed,), extra_params=extra),
+            blocks=tuple(FreezeUnit(f"block_{i + 1}", (self.blocks[i],)) for i in range(self.encoder_depth)),
+        )
+
+    def forward_prefix(self, video: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """``{k: [B, N, D]}``: the output of encoder block ``k`` on the full, unmasked ``video``, for each
+        ``k`` in ``layers`` (``1..encoder_depth``). Runs blocks ``1..max(layers)`` only. Leaves grad
+        mode and train/eval mode to the caller."""
+        wanted = check_layers(layers, self.encoder_depth)
+        x, rope = self.embed(video), self.rope_emb(None)
+        out: dict[int, torch.Tensor] = {}
+        for i in range(wanted[-1]):
+            x = self.blocks[i](x, rope)
+            if i + 1 in wanted:
+                out[i + 1] = x
+        return out
+
+    def encode(self, video: torch.Tensor, layer: int | None = None) -> torch.Tensor:
+        """Full-input features ``[B, N, D]`` after encoder block ``layer`` (default: the last one)."""
+        layer = self.encoder_depth if layer is None else layer
+        return self.forward_prefix(video, [layer])[layer]
+
+    # ----------------------------------------------------------------------------------- forward
+    def embed(self, video: torch.Tensor) -> torch.Tensor:
+        """``[B, C, T, H, W]`` -> patch tokens ``[B, N, D]`` (plus the additive position embedding)."""
+        c = self.cfg
+        expected = (c.in_chans, c.num_frames, c.img_size, c.img_size)
+        if video.dim() != 5 or tuple(video.shape[1:]) != expected:
+            raise ValueError(
+                f"video: expected [B, {', '.join(map(str, expected))}] (B, C, T, H, W), got {tuple(video.shape)}"
+            )
+        x = self.patch_embed(video).flatten(2).transpose(1, 2)  # [B, D, T', H', W'] -> [B, N, D], (t h w)
+        return x if self.pos_embed is None else x + self.pos_embed
+
+    def rope_emb(self, token_idx: torch.Tensor | None) -> RopeEmb | None:
+        """RoPE ``(sin, cos)`` for tokens at ``token_idx [B, n]`` (None: all ``N``). Gathered once per
+        forward and shared by the blocks, rather than re-gathered in each of them."""
+        return None if self.rope is None else self.rope.embed(token_idx)
+
+    def _check_idx(self, name: str, idx: torch.Tensor, batch: int) -> None:
+        if idx.dim() != 2 or idx.shape[0] != batch or idx.shape[1] == 0 or idx.dtype != torch.long:
+            raise ValueError(
+                f"{name}: must be a non-empty int64 [B={batch}, K] tensor, got {idx.dtype} {tuple(idx.shape)}"
+            )
+        # Out-of-range indices would be a device-side assert on GPU; skip the host sync when compiling.
+        if not torch.compiler.is_compiling():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.num_patches:
+                raise ValueError(f"{name}: token positions must be in 0..{self.num_patches - 1}, got {lo}..{hi}")
+
+    def forward(
+        self,
+        video: torch.Tensor,
+        visible_idx: torch.Tensor,
+        query_idx: torch.Tensor,
+        heads: Sequence[str] = ("pixels",),
+        frozen_prefix: int = 0,
+    ) -> dict[str, torch.Tensor]:
+        """Masked prediction.
+
+        Args:
+            video: ``[B, C, T, H, W]``.
+            visible_idx: ``[B, V]`` positions the encoder sees.
+            query_idx: ``[B, Q]`` positions to predict (usually the masked ones, or a subset).
+            heads: readouts to apply (``"pixels"``, ``"layer_k"``).
+            frozen_prefix: ``k > 0`` runs the stem and blocks ``1..k`` under ``no_grad``, so autograd
+                stores nothing for them and their parameters get no gradient (LayerLock's saving).
+
+        Returns:
+            ``{head: [B, Q, out_dim]}`` (``out_dim`` = ``pt*ph*pw*C`` for pixels, ``D`` for layers).
+        """
+        heads = tuple(heads)
+        if not heads:
+            raise ValueError("heads: must name at least one readout")
+        missing = [h for h in heads if h not in self.readouts]
+        if missing:
+            raise KeyError(f"heads: unknown readout(s) {missing}; available: {list(self.readouts)}")
+        k = frozen_prefix
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= self.encoder_depth:
+            raise ValueError(f"frozen_prefix: must be an integer in 0..{self.encoder_depth}, got {frozen_prefix!r}")
+        b = video.shape[0]
+        self._check_idx("visible_idx", visible_idx, b)
+        self._check_idx("query_idx", query_idx, b)
+
+        with torch.no_grad() if k > 0 else contextlib.nullcontext():
+            x = self.embed(video)
+            x = x.gather(1, visible_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, V, D]
+            rope = self.rope_emb(visible_idx)
+            for blk in self.blocks[:k]:
+                x = blk(x, rope)
+        for blk in self.blocks[k : self.encoder_depth]:
+            x = blk(x, rope)
+
+        q = self.query_token.expand(b, query_idx.shape[1], -1)
+        if self.pos_embed is not None:
+            # Query tokens carry their position the same way patch tokens do; a frozen stem's learned
+            # pos_embed must not receive gradient through them either.
+            pe = self.pos_embed.detach() if k > 0 else self.pos_embed
+            q = q + pe[0][query_idx]
+        x = torch.cat([x, q], dim=1)  # [B, V + Q, D]
+        rope = self.rope_emb(torch.cat([visible_idx, query_idx], dim=1))
+        for blk in self.blocks[self.encoder_depth :]:
+            x = blk(x, rope)
+        x = self.decoder_norm(x[:, visible_idx.shape[1] :])  # [B, Q, D]
+        return {h: self.readouts[h](x) for h in heads}

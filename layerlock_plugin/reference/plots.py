@@ -1,0 +1,217 @@
+"""PNG plots of a LayerLock run: loss with freeze events, the freezing schedule, collapse statistics.
+
+Figures are drawn with matplotlib's Agg canvas directly (``matplotlib.figure.Figure`` +
+``FigureCanvasAgg``): nothing needs a display, pyplot's global state and the user's backend are
+left alone, and no figure stays registered after a call returns. Every function creates the
+parent directory of ``path`` and returns ``path`` as a :class:`pathlib.Path`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["plot_loss", "plot_schedule", "plot_collapse_stats", "running_mean", "COLLAPSE_KEYS"]
+
+COLLAPSE_KEYS = ("layerlock/feature_std", "layerlock/effective_rank", "layerlock/relative_loss")
+
+
+def _figure(width: float = 8.0, height: float = 4.5) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    fig.clear()
+    return path
+
+
+def _number(x: Any) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of the rows that have a finite ``key`` and ``step``, sorted by step."""
+    pts = []
+    for r in rows:
+        s, y = _number(r.get("step")), _number(r.get(key))
+        if s is not None and y is not None:
+            pts.append((s, y))
+    pts.sort(key=lambda p: p[0])
+    if not pts:
+        return np.zeros(0), np.zeros(0)
+    arr = np.asarray(pts, dtype=float)
+    return arr[:, 0], arr[:, 1]
+
+
+def running_mean(y: np.ndarray, window: int) -> np.ndarray:
+    """Trailing running mean (shorter windows at the start), same length as ``y``."""
+    y = np.asarray(y, dtype=float)
+    if window <= 1 or y.size == 0:
+        return y.copy()
+    c = np.cumsum(np.insert(y, 0, 0.0))
+    idx = np.arange(1, y.size + 1)
+    lo = np.maximum(0, idx - window)
+    return (c[idx] - c[lo]) / (idx - lo)
+
+
+def _smoothing_window(n: int) -> int:
+    return max(1, n // 50) if n > 20 else 1
+
+
+def _layer_name(layer: Any) -> str:
+    return "pixels" if layer == 0 else f"h_{layer}"
+
+
+def _no_data(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
+
+
+def plot_loss(
+    rows: Sequence[Mapping[str, Any]],
+    events: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    title: str | None = None,
+) -> Path:
+    """Training loss vs step (log y), with a vertical line per freeze / target-switch event.
+
+    ``rows``: dicts with ``step`` and ``loss``; any other key starting with ``loss`` (e.g.
+    ``loss_pixels``, ``loss_latent``) is drawn as an extra curve. Long or noisy curves are smoothed
+    by a running mean, the raw values stay visible faintly. ``events``: dicts with ``step``,
+    ``num_frozen`` and ``target_layer``; each is annotated ``freeze k / target h_k``.
+    """
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    keys = ["loss"] + sorted({k for r in rows for k in r if k != "loss" and str(k).startswith("loss")})
+    colors = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9"]
+    all_positive, drawn = True, False
+    for i, key in enumerate(keys):
+        steps, vals = _series(rows, key)
+        if steps.size == 0:
+            continue
+        drawn = True
+        all_positive &= bool(np.all(vals > 0))
+        color = colors[i % len(colors)]
+        window = _smoothing_window(steps.size)
+        if window > 1:
+            ax.plot(steps, vals, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(steps, running_mean(vals, window), color=color, linewidth=1.6, label=f"{key} (mean of {window})")
+        else:
+            ax.plot(steps, vals, color=color, linewidth=1.6, marker="." if steps.size < 50 else None, label=key)
+    if drawn and all_positive:
+        ax.set_yscale("log")
+    if not drawn:
+        _no_data(ax, "no loss values")
+    for ev in events:
+        s = _number(ev.get("step"))
+        if s is None:
+            continue
+        ax.axvline(s, color="gray", linestyle="--", linewidth=0.8, alpha=0.8)
+        label = f"freeze {ev.get('num_frozen', '?')} / target {_layer_name(ev.get('target_layer', '?'))}"
+        ax.annotate(
+            label,
+            xy=(s, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(2, -4),
+            textcoords="offset points",
+            rotation=90,
+            va="top",
+            ha="left",
+            fontsize=7,
+            color="dimgray",
+        )
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if title:
+        ax.set_title(title)
+    if drawn:
+        ax.legend(loc="upper right", fontsize=8)
+    ax.grid(True, which="both", alpha=0.2)
+    return _save(fig, path)
+
+
+def plot_schedule(
+    steps: Sequence[int],
+    num_frozen: Sequence[int],
+    target_layer: Sequence[int],
+    path: str | Path,
+    total_steps: int | None = None,
+) -> Path:
+    """Step plot of the number of frozen blocks and the target layer (0 = pixels) vs step.
+
+    Each value holds from its step until the next one (and until ``total_steps`` for the last one
+    when given).
+    """
+    if not len(steps) == len(num_frozen) == len(target_layer):
+        raise ValueError(
+            f"steps, num_frozen and target_layer must have equal lengths, got "
+            f"{len(steps)}, {len(num_frozen)}, {len(target_layer)}"
+        )
+    fig = _figure(8.0, 4.5)
+    ax_frozen = fig.add_subplot(2, 1, 1)
+    ax_target = fig.add_subplot(2, 1, 2, sharex=ax_frozen)
+    order = np.argsort(np.asarray(steps, dtype=float), kind="stable")
+    x = np.asarray(steps, dtype=float)[order]
+    nf = np.asarray(num_frozen, dtype=float)[order]
+    tl = np.asarray(target_layer, dtype=float)[order]
+    if total_steps is not None and x.size and total_steps > x[-1]:
+        x, nf, tl = np.append(x, total_steps), np.append(nf, nf[-1]), np.append(tl, tl[-1])
+    panels = ((ax_frozen, nf, "frozen blocks", "C0"), (ax_target, tl, "target layer", "C1"))
+    for ax, y, label, color in panels:
+        if x.size:
+            ax.step(x, y, where="post", color=color, linewidth=1.8)
+            top = int(max(y.max(), 1))
+            ax.set_ylim(-0.3, top + 0.5)
+            ticks = np.unique(np.linspace(0, top, min(top, 8) + 1).round().astype(int))
+            ax.set_yticks(ticks)
+            if ax is ax_target:
+                ax.set_yticklabels(["pixels" if t == 0 else f"h_{t}" for t in ticks])
+        else:
+            _no_data(ax, "no schedule points")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.2)
+    if total_steps is not None:
+        ax_frozen.set_xlim(left=min(0.0, float(x[0]) if x.size else 0.0), right=float(total_steps))
+    ax_target.set_xlabel("step")
+    ax_frozen.set_title("LayerLock schedule")
+    return _save(fig, path)
+
+
+def plot_collapse_stats(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """One subplot per collapse statistic present in ``rows`` (see :data:`COLLAPSE_KEYS`) vs step.
+
+    Keys absent from every row are skipped; with none present the figure says so.
+    """
+    present = [(k, *_series(rows, k)) for k in COLLAPSE_KEYS]
+    present = [p for p in present if p[1].size]
+    fig = _figure(8.0, 2.6 * max(1, len(present)))
+    if not present:
+        _no_data(fig.add_subplot(1, 1, 1), "no collapse statistics logged")
+        return _save(fig, path)
+    for i, (key, steps, vals) in enumerate(present):
+        ax = fig.add_subplot(len(present), 1, i + 1)
+        ax.plot(steps, vals, linewidth=1.4, marker="." if steps.size < 50 else None)
+        if np.all(vals > 0) and vals.max() / vals.min() > 100:  # e.g. a feature std collapsing
+            ax.set_yscale("log")
+        ax.set_ylabel(key.split("/", 1)[-1])
+        ax.grid(True, alpha=0.2)
+        if i == len(present) - 1:
+            ax.set_xlabel("step")
+    return _save(fig, path)

@@ -1,0 +1,69 @@
+"""Shared tiny fixtures. Tests use tiny models so the suite runs in minutes on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, check_layers
+
+torch.set_num_threads(2)
+
+
+class ToyBlock(nn.Module):
+    """A residual MLP block with dropout, so train/eval mode is observable."""
+
+    def __init__(self, dim: int, p: float = 0.5):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(p)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return x + self.drop(torch.tanh(self.fc(self.norm(x))))
+
+
+class ToyEncoder(nn.Module):
+    """Tokens ``[B, N, F] -> [B, N, D]``: a linear stem with a learned position parameter, then blocks.
+
+    Implements the layered-encoder protocol; the last ``decoder_blocks`` blocks are not freezable.
+    """
+
+    def __init__(self, in_dim=8, dim=16, depth=5, decoder_blocks=1, tokens=6, p=0.5):
+        super().__init__()
+        self.stem = nn.Linear(in_dim, dim)
+        self.pos = nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+        self.blocks = nn.ModuleList(ToyBlock(dim, p) for _ in range(depth))
+        self.head = nn.Linear(dim, in_dim)
+        self.encoder_depth = depth - decoder_blocks
+
+    def layerlock_units(self) -> EncoderUnits:
+        return EncoderUnits(
+            stem=FreezeUnit("stem", (self.stem,), (self.pos,)),
+            blocks=tuple(FreezeUnit(f"block_{i + 1}", (b,)) for i, b in enumerate(self.blocks[: self.encoder_depth])),
+        )
+
+    def forward_prefix(self, x, layers):
+        layers = check_layers(layers, self.encoder_depth)
+        h = self.stem(x) + self.pos
+        out = {}
+        for i, blk in enumerate(self.blocks[: layers[-1]], start=1):
+            h = blk(h)
+            if i in layers:
+                out[i] = h
+        return out
+
+    def forward(self, x):
+        h = self.stem(x) + self.pos
+        for blk in self.blocks:
+            h = blk(h)
+        return self.head(h)
+
+
+@pytest.fixture
+def toy_encoder():
+    torch.manual_seed(0)
+    return ToyEncoder()
