@@ -69,6 +69,7 @@ class TrainConfig:
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     progress: bool = True
+    device: str = "cpu"  # cpu | cuda | auto (cuda when available)
 
     def __post_init__(self) -> None:
         v.positive_int("train.steps", self.steps)
@@ -78,6 +79,7 @@ class TrainConfig:
         v.non_negative_int("train.num_workers", self.num_workers)
         v.non_negative_int("train.threads", self.threads)
         v.boolean("train.progress", self.progress)
+        v.one_of("train.device", self.device, ("cpu", "cuda", "auto"))
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,7 @@ class DigitsVideoConfig:
     ``speeds``: digit speeds in pixels/frame, one drawn per clip; ``motion_label``: ``'direction'``
     (speed is a nuisance) or ``'direction_speed'`` (label ``direction * len(speeds) + speed_index``).
     ``direction_jitter``: the velocity angle is jittered uniformly by up to this fraction of half a
-    class sector (0: exact class angles; 1: the whole sector, classes touch). ``noise``: std of
+    class sector (0: exact class angles; 1: the whole sector, classes touch). ``texture``: contrast of the background texture (0 = flat). ``noise``: std of
     Gaussian pixel noise. ``depth_range``: (nearest, farthest) depth; the digit is always nearer than
     the background plane. ``fog``: brightness falls as ``exp(-(depth - near) / fog)``.
     ``test_digit_fraction``: share of each digit class's images kept for the test split (a fixed,
@@ -117,6 +117,7 @@ class DigitsVideoConfig:
     motion_label: str = "direction"
     direction_jitter: float = 0.0
     noise: float = 0.05
+    texture: float = 0.65
     depth_range: tuple[float, float] = (2.0, 10.0)
     fog: float = 8.0
     test_digit_fraction: float = 0.3
@@ -152,6 +153,7 @@ class DigitsVideoConfig:
         v.one_of("data.motion_label", self.motion_label, ("direction", "direction_speed"))
         _set(self, "direction_jitter", v.fraction("data.direction_jitter", self.direction_jitter, allow_zero=True))
         _set(self, "noise", v.non_negative_float("data.noise", self.noise))
+        _set(self, "texture", v.fraction("data.texture", self.texture, allow_zero=True))
         dlo, dhi = _number_pair("data.depth_range", self.depth_range)
         if dhi - dlo < 1.0:
             raise ConfigError("data.depth_range", f"must span at least 1 depth unit, got {self.depth_range!r}")
@@ -364,7 +366,7 @@ class DigitsVideoDataset(Dataset):
         ct, st = math.cos(tang), math.sin(tang)
         tex = 0.5 + 0.5 * np.sin(freq * (ct * X + st * Y) + ph0) * np.sin(freq * (-st * X + ct * Y) + ph1)
         lo = cfg.depth_range[0]
-        bg = p["background_albedo"][:, None, None] * ((0.35 + 0.65 * tex) * np.exp(-(zb - lo) / cfg.fog))
+        bg = p["background_albedo"][:, None, None] * ((1.0 - cfg.texture + cfg.texture * tex) * np.exp(-(zb - lo) / cfg.fog))
         # Digit: bilinear upscale + toroidal placement as two separable sampling matrices per frame.
         t = np.arange(T, dtype=np.float64)
         (vx, vy), (x0, y0) = p["velocity"], p["start"]

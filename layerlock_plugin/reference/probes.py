@@ -71,6 +71,8 @@ class ProbeConfig:
     l2: float | tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
     val_fraction: float = 0.2
     seed: int = 0
+    pooling: str = "tokens_pca"
+    pca_dim: int = 16
 
     def __post_init__(self) -> None:
         v.positive_int("probe.train_videos", self.train_videos)
@@ -78,6 +80,8 @@ class ProbeConfig:
         v.positive_int("probe.batch_size", self.batch_size)
         v.positive_int("probe.max_iter", self.max_iter)
         v.non_negative_int("probe.seed", self.seed)
+        v.one_of("probe.pooling", self.pooling, ("tokens_pca", "temporal_slots"))
+        v.positive_int("probe.pca_dim", self.pca_dim)
         vf = self.val_fraction
         if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 < float(vf) < 1.0:
             raise ConfigError("probe.val_fraction", f"must be a number in (0, 1), got {vf!r}")
@@ -175,6 +179,27 @@ def pool_temporal_slots(features: torch.Tensor, grid: Sequence[int]) -> torch.Te
     if num_tokens != t * h * w:
         raise ValueError(f"features have N = {num_tokens} tokens but grid {tuple(grid)} gives {t * h * w}")
     return features.reshape(n, t, h * w, d).mean(dim=2).reshape(n, t * d)
+
+
+def pool_tokens_pca(train: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, N, D]`` -> ``[n, N * k]``: every token projected on the top-``k`` principal directions of
+    the probe-train tokens, all tokens concatenated in ``(t h w)`` order.
+
+    Still a linear read-out of the frozen tokens, but one with a weight per token *position*: a
+    RoPE encoder carries no absolute position in its token features, so any pooling over space
+    (like :func:`pool_temporal_slots`) cannot tell where, and hence which way, something moved.
+    """
+    flat = train.reshape(-1, train.shape[-1]).double()
+    mean = flat.mean(0)
+    k = min(k, flat.shape[1])
+    # principal directions from the D x D covariance (cheap: D is the model width)
+    _, vecs = torch.linalg.eigh(torch.cov(flat.T))
+    basis = vecs[:, -k:].flip(-1)
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        return ((x.double() - mean) @ basis).reshape(x.shape[0], -1).float()
+
+    return project(train), project(test)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -369,8 +394,11 @@ def run_probes(
 
     out: dict[str, float] = {"train_videos": float(len(tr["features"])), "test_videos": float(len(te["features"]))}
     if any(t in tr and t in te for t in CLASS_TASKS):
-        x_tr = pool_temporal_slots(tr["features"], grid)
-        x_te = pool_temporal_slots(te["features"], grid)
+        if cfg.pooling == "tokens_pca":
+            x_tr, x_te = pool_tokens_pca(tr["features"], te["features"], cfg.pca_dim)
+        else:
+            x_tr = pool_temporal_slots(tr["features"], grid)
+            x_te = pool_temporal_slots(te["features"], grid)
         for task in CLASS_TASKS:
             if task in tr and task in te:
                 acc, chance, l2 = _classification(x_tr, tr[task].reshape(-1), x_te, te[task].reshape(-1), cfg)

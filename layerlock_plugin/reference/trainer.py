@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..checkpoint import check_model_state, load_checkpoint, require_keys, save_atomic
 from ..controller import LayerLock, LayerLockEvent
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..masking import random_masking, subsample_indices
 from .config import RunConfig, build_config, dump_config
 from .data import DigitsVideoDataset, VideoFolderDataset
@@ -113,7 +113,10 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device("cpu")
+        want = cfg.train.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("train.device", "is 'cuda' but torch sees no CUDA device; use 'cpu' or 'auto'")
+        self.device = torch.device("cuda" if want in ("cuda", "auto") and torch.cuda.is_available() else "cpu")
 
         self.dataset = build_dataset(cfg, "train")
         ll_config = cfg.layerlock()
@@ -165,7 +168,7 @@ class Trainer:
         """Restore everything in the order that keeps freezing consistent: model weights, then the
         LayerLock plan (re-freezes what was frozen), then optimizer state, scheduler and RNG."""
         file = path / "checkpoint.pt" if path.is_dir() else path
-        ckpt = load_checkpoint(file)
+        ckpt = load_checkpoint(file, map_location=self.device)
         require_keys(ckpt, ["format", "config", "step", "model", "optimizer", "scheduler", "layerlock", "rng"], file)
         if ckpt["format"] != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{file} has format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
@@ -179,8 +182,8 @@ class Trainer:
         self.layerlock.load_state_dict(ckpt["layerlock"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        self.mask_generator.set_state(ckpt["rng"]["mask"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        self.mask_generator.set_state(ckpt["rng"]["mask"].cpu())
         self.step = int(ckpt["step"])
         if self.layerlock.next_step != self.step:
             raise CheckpointError(f"{file}: LayerLock state is at step {self.layerlock.next_step}, trainer at {self.step}")
@@ -192,11 +195,11 @@ class Trainer:
         model, ll = self.model, self.layerlock
         plan = ll.begin_step(self.step)
         visible_idx, masked_idx = random_masking(
-            video.shape[0], model.num_patches, cfg.model.mask_ratio, generator=self.mask_generator
+            video.shape[0], model.num_patches, cfg.model.mask_ratio, generator=self.mask_generator, device=video.device
         )
         query_idx = masked_idx
         if cfg.target.loss_fraction < 1.0:
-            query_idx = subsample_indices(masked_idx, cfg.target.loss_fraction, generator=self.mask_generator)
+            query_idx = subsample_indices(masked_idx, cfg.target.loss_fraction, generator=self.mask_generator).to(video.device)
         targets = ll.targets(video, plan, query_idx)
         predictions = model(video, visible_idx, query_idx, heads=list(targets), frozen_prefix=ll.frozen_prefix(plan))
         loss, parts = ll.loss(predictions, targets)
