@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .. import _validate as v
+from .._config import from_dict
 from ..errors import ConfigError, MissingDependencyError
 
 __all__ = [
@@ -182,11 +183,7 @@ class DigitsVideoConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> DigitsVideoConfig:
-        d = dict(d or {})
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ConfigError(f"data.{unknown[0]}", f"unknown field; known: {', '.join(cls.__dataclass_fields__)}")
-        return cls(**d)
+        return from_dict(cls, d, "data")
 
 
 @functools.lru_cache(maxsize=1)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import _validate as v
+from .._config import from_dict
 from ..errors import ConfigError
 
 __all__ = [
@@ -101,12 +102,7 @@ class ProbeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ProbeConfig:
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"probe.{unknown[0]}", f"unknown field; known fields: {', '.join(sorted(known))}")
-        return cls(**d)
+        return from_dict(cls, d, "probe")
 
 
 # ---------------------------------------------------------------------------------------------------
