@@ -138,3 +138,11 @@ def test_step_batch_sampler_is_a_function_of_the_step():
     assert list(StepBatchSampler(10, 4, seed=3, start_step=4, end_step=6)) == batches[4:]
     flat = [i for b in batches for i in b]
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # epochs are permutations
+
+
+def test_custom_loop_example_runs():
+    out = subprocess.run([sys.executable, "examples/custom_loop.py", "--steps", "36"], capture_output=True, text=True,
+                         cwd=__file__.rsplit("/tests/", 1)[0], timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "step 12: froze stem, block_1 (1 blocks frozen); target -> layer_1" in out.stdout
+    assert "LayerLock resumes at step 36" in out.stdout
