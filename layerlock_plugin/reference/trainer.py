@@ -223,6 +223,8 @@ class Trainer:
         cfg = self.config
         end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
         self.out.mkdir(parents=True, exist_ok=True)
+        if self.step == 0 and (self.out / "checkpoint.pt").exists():
+            self.echo(f"warning: {self.out} holds an earlier run; starting over in it (use --resume to continue it)")
         dump_config(cfg, self.out / "config.yaml")
         for name in ("metrics.jsonl", "events.jsonl"):
             # a fresh run starts new logs; a resumed one drops rows written after its checkpoint
@@ -234,7 +236,9 @@ class Trainer:
         started = time.perf_counter()
         window: list[dict[str, float]] = []
         bar = _progress(range(self.step, end), cfg.train.progress, self.step, cfg.train.steps)
-        self.echo = bar.write if hasattr(bar, "write") else self.echo
+        caller_echo = self.echo
+        if hasattr(bar, "write"):  # print above the progress bar, not through it
+            self.echo = bar.write
         with open(self.out / "metrics.jsonl", "a") as metrics_file:
             for batch, _ in zip(loader, bar):
                 window.append(self.train_step(batch["video"].to(self.device)))
@@ -250,7 +254,7 @@ class Trainer:
                     self.save_checkpoint()
         if hasattr(bar, "close"):
             bar.close()
-        self.echo = print
+        self.echo = caller_echo
         if self.step < cfg.train.steps:
             return {"method": cfg.method, "stopped_at": self.step, "events": self.events}
         train_seconds = time.perf_counter() - started
