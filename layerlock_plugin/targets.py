@@ -58,13 +58,21 @@ class TargetConfig:
 
 
 def patchify(video: torch.Tensor, tubelet: Sequence[int]) -> torch.Tensor:
-    """``[B, C, T, H, W] -> [B, N, pt*ph*pw*C]`` with tokens in ``(t h w)`` order."""
+    """``[B, C, T, H, W] -> [B, N, pt*ph*pw*C]`` with tokens in ``(t h w)`` order.
+
+    Images ``[B, C, H, W]`` are patchified with the last two tubelet sizes (``(1, p, p)`` or
+    ``(p, p)``): ``-> [B, N, ph*pw*C]``, tokens in ``(h w)`` order (timm's / lightly's layout).
+    """
+    if video.dim() == 4:
+        ph, pw = tubelet[-2:]
+        return rearrange(video, "b c (h ph) (w pw) -> b (h w) (ph pw c)", ph=ph, pw=pw)
     pt, ph, pw = tubelet
     return rearrange(video, "b c (t pt) (h ph) (w pw) -> b (t h w) (pt ph pw c)", pt=pt, ph=ph, pw=pw)
 
 
 def pixel_targets(video: torch.Tensor, tubelet: Sequence[int], normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Pixel targets ``[B, N, P]``; per-patch normalised (zero mean, unit variance) when ``normalize``."""
+    """Pixel targets ``[B, N, P]`` (videos or images, see :func:`patchify`); per-patch normalised
+    (zero mean, unit variance) when ``normalize``."""
     patches = patchify(video, tubelet)
     if not normalize:
         return patches

@@ -9,8 +9,11 @@ from einops import rearrange
 
 from layerlock_plugin.errors import ConfigError
 from layerlock_plugin.reference.probes import (
+    AttentiveProbes,
     ProbeConfig,
+    attentive_inputs,
     extract_features,
+    fit_attentive,
     fit_logistic,
     pool_temporal_slots,
     run_probes,
@@ -85,7 +88,10 @@ def make_encoder(dim: int = 96, seed: int = 123):
     return encode
 
 
-SMALL = ProbeConfig(train_videos=256, test_videos=128, batch_size=64, pooling="temporal_slots")
+SMALL = ProbeConfig(train_videos=256, test_videos=128, batch_size=64, kind="linear", pooling="temporal_slots")
+SMALL_ATTENTIVE = ProbeConfig(
+    train_videos=256, test_videos=128, batch_size=64, kind="attentive", steps=100, weight_decay=(0.1, 10.0)
+)
 
 
 @pytest.fixture(scope="module")
@@ -135,20 +141,25 @@ def test_time_averaged_features_cannot_read_motion():
     assert (predict(slots_te).argmax(1) == te["motion"]).double().mean().item() > 0.9
 
 
-def test_deterministic_and_l2_chosen_without_the_test_set():
+@pytest.mark.parametrize("kind", ["linear", "attentive"])
+def test_deterministic_and_regularisation_chosen_without_the_test_set(kind):
     encode = make_encoder()
     train = FakeVideos(96, 5)
-    cfg = ProbeConfig(train_videos=96, test_videos=48, seed=7, max_iter=50)
+    cfg = ProbeConfig(train_videos=96, test_videos=48, seed=7, max_iter=50, kind=kind, steps=60)
     a = run_probes(encode, train, FakeVideos(48, 6), GRID, TUBELET, cfg)
     b = run_probes(encode, train, FakeVideos(48, 6), GRID, TUBELET, cfg)
     assert a == b
     c = run_probes(encode, train, FakeVideos(48, 8, random_labels=True, depth="noise"), GRID, TUBELET, cfg)
-    for task in ("motion", "appearance", "dense"):
-        assert c[f"{task}_l2"] == a[f"{task}_l2"]
+    key = "l2" if kind == "linear" else "weight_decay"
+    for task in ("motion", "appearance"):
+        assert c[f"{task}_{key}"] == a[f"{task}_{key}"]
+        assert a[f"{task}_{key}"] in (cfg.l2_grid if kind == "linear" else cfg.weight_decay_grid)
+        assert f"{task}_{'weight_decay' if kind == 'linear' else 'l2'}" not in a
+    assert c["dense_l2"] == a["dense_l2"]
 
 
 def test_single_l2_value_is_used_as_is():
-    cfg = ProbeConfig(train_videos=64, test_videos=32, l2=[1e-3])
+    cfg = ProbeConfig(train_videos=64, test_videos=32, l2=[1e-3], kind="linear")
     assert cfg.l2 == 1e-3 and cfg.l2_grid == (1e-3,)
     r = run_probes(make_encoder(), FakeVideos(64, 1), FakeVideos(32, 2), GRID, TUBELET, cfg)
     assert r["appearance_l2"] == r["motion_l2"] == r["dense_l2"] == 1e-3
@@ -196,6 +207,18 @@ def test_grid_mismatch_is_reported():
         ({"seed": -1}, "probe.seed"),
         ({"pooling": "max"}, "probe.pooling"),
         ({"pca_dim": 0}, "probe.pca_dim"),
+        ({"kind": "mlp"}, "probe.kind"),
+        ({"kind": None}, "probe.kind"),
+        ({"steps": 0}, "probe.steps"),
+        ({"steps": 10.0}, "probe.steps"),
+        ({"lr": 0}, "probe.lr"),
+        ({"lr": "1e-3"}, "probe.lr"),
+        ({"weight_decay": -0.1}, "probe.weight_decay"),
+        ({"weight_decay": []}, "probe.weight_decay"),
+        ({"weight_decay": (0.1, None)}, "probe.weight_decay"),
+        ({"attn_heads": 0}, "probe.attn_heads"),
+        ({"attn_dim": True}, "probe.attn_dim"),
+        ({"attn_dim": 30, "attn_heads": 4}, "probe.attn_dim"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):
@@ -208,6 +231,11 @@ def test_config_validation_names_the_field(kwargs, field):
 def test_config_from_dict():
     cfg = ProbeConfig.from_dict({"train_videos": 32, "l2": [1e-4, 1e-2]})
     assert cfg.train_videos == 32 and cfg.l2 == (1e-4, 1e-2)
+    cfg = ProbeConfig.from_dict({"kind": "linear", "weight_decay": [0.5, 2]})
+    assert cfg.kind == "linear" and cfg.weight_decay == (0.5, 2.0) and cfg.weight_decay_grid == (0.5, 2.0)
+    cfg = ProbeConfig.from_dict({"weight_decay": [0.5]})
+    assert cfg.weight_decay == 0.5 and cfg.weight_decay_grid == (0.5,)
+    assert ProbeConfig().kind == "attentive"
     assert ProbeConfig.from_dict(None) == ProbeConfig()
     with pytest.raises(ConfigError) as err:
         ProbeConfig.from_dict({"epochs": 3})
@@ -217,5 +245,155 @@ def test_config_from_dict():
 @pytest.mark.parametrize("pooling", ["tokens_pca", "temporal_slots"])
 def test_both_poolings_read_labels_at_full_size(pooling):
     """512 + 512 videos, N = 64, D = 96 (the main job's probe size) with either pooling."""
-    r = run_probes(make_encoder(), FakeVideos(512, 11), FakeVideos(512, 12), GRID, TUBELET, ProbeConfig(pooling=pooling))
+    cfg = ProbeConfig(kind="linear", pooling=pooling)
+    r = run_probes(make_encoder(), FakeVideos(512, 11), FakeVideos(512, 12), GRID, TUBELET, cfg)
     assert r["appearance_acc"] > 0.85 and r["motion_acc"] > 0.85
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attentive probes
+
+
+def test_attentive_probe_decodes_labels_that_are_in_the_features():
+    r = run_probes(make_encoder(), FakeVideos(256, 1), FakeVideos(128, 2), GRID, TUBELET, SMALL_ATTENTIVE)
+    assert r["appearance_acc"] > 0.9
+    assert r["motion_acc"] > 0.8  # which temporal half is brighter: needs the time of the tokens
+    assert r["dense_r2"] > 0.9  # the dense probe stays the linear ridge one
+    assert r["motion_weight_decay"] in SMALL_ATTENTIVE.weight_decay_grid
+    assert "motion_l2" not in r and "dense_l2" in r
+
+
+def test_attentive_probe_stays_at_chance_on_random_labels():
+    r = run_probes(
+        make_encoder(),
+        FakeVideos(256, 3, random_labels=True),
+        FakeVideos(128, 4, random_labels=True),
+        GRID,
+        TUBELET,
+        SMALL_ATTENTIVE,
+    )
+    assert r["appearance_acc"] < r["appearance_chance"] + 0.15
+    assert r["motion_acc"] < r["motion_chance"] + 0.15
+
+
+GRID_T = (4, 4, 4)
+D_TOK = 32
+
+
+def marker_tokens(n: int, seed: int, markers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise tokens ``[n, 64, D_TOK]`` on ``GRID_T``, with ``markers`` fixed content vectors written at
+    distinct random token positions. A token's features carry no position (like a RoPE encoder's):
+    the set of token contents is the same for every clip, only where the markers sit differs.
+    Returns (tokens, positions [n, markers] in ``(t h w)`` order)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(n, 64, D_TOK, generator=g)
+    content = 4.0 * torch.randn(markers, D_TOK, generator=torch.Generator().manual_seed(99))
+    pos = torch.stack([torch.randperm(64, generator=g)[:markers] for _ in range(n)])
+    for k in range(markers):
+        tokens[torch.arange(n), pos[:, k]] = content[k] + 0.3 * torch.randn(n, D_TOK, generator=g)
+    return tokens, pos
+
+
+def _accuracy(predict, z, y) -> float:
+    return (predict(z)[0].argmax(1) == y).double().mean().item()
+
+
+def _mean_pool_accuracy(tr, y_tr, te, y_te, classes) -> float:
+    predict = fit_logistic(tr.mean(1), y_tr, classes, l2=1e-2)
+    return (predict(te.mean(1)).argmax(1) == y_te).double().mean().item()
+
+
+def test_attentive_probe_reads_where_a_marker_is():
+    """Label = spatial quadrant of a marker token: a position-blind mean pool cannot read it; the
+    attentive probe (which adds the probe's 3D sin-cos position table to the tokens) can."""
+    tr, pos_tr = marker_tokens(384, 1, markers=1)
+    te, pos_te = marker_tokens(256, 2, markers=1)
+
+    def quadrant(pos):
+        h, w = (pos[:, 0] // 4) % 4, pos[:, 0] % 4
+        return (h >= 2).long() * 2 + (w >= 2).long()
+
+    y_tr, y_te = quadrant(pos_tr), quadrant(pos_te)
+    assert _mean_pool_accuracy(tr, y_tr, te, y_te, 4) < 0.25 + 0.1
+    predict = fit_attentive(attentive_inputs(tr, GRID_T), y_tr, [4], [0.1])
+    assert _accuracy(predict, attentive_inputs(te, GRID_T), y_te) > 0.9
+
+
+def test_attentive_probe_reads_temporal_order():
+    """Label = whether marker A's time slot comes before marker B's (they never share a slot): both
+    markers are in every clip, so the pooled content is the same for both classes."""
+
+    def make(n, seed):
+        tokens, pos = marker_tokens(4 * n, seed, markers=2)
+        t = pos // 16
+        keep = (t[:, 0] != t[:, 1]).nonzero().squeeze(1)[:n]
+        return tokens[keep], (t[keep, 0] < t[keep, 1]).long()
+
+    tr, y_tr = make(768, 3)
+    te, y_te = make(256, 4)
+    chance = max(y_te.float().mean().item(), 1 - y_te.float().mean().item())
+    assert _mean_pool_accuracy(tr, y_tr, te, y_te, 2) < chance + 0.1
+    predict = fit_attentive(attentive_inputs(tr, GRID_T), y_tr, [2], [0.1])
+    assert _accuracy(predict, attentive_inputs(te, GRID_T), y_te) > 0.9
+
+
+def test_attentive_probe_without_position_table_cannot_read_where():
+    """Control for the test above: the same probe on LayerNorm-ed tokens *without* the position table
+    is position-blind (its pooling is a weighted sum over an unordered set of tokens)."""
+    tr, pos_tr = marker_tokens(384, 1, markers=1)
+    te, pos_te = marker_tokens(256, 2, markers=1)
+    y_tr, y_te = (pos_tr[:, 0] % 4 >= 2).long(), (pos_te[:, 0] % 4 >= 2).long()
+    ln = torch.nn.functional.layer_norm
+    predict = fit_attentive(ln(tr, (D_TOK,)), y_tr, [2], [0.1])
+    chance = max(y_te.float().mean().item(), 1 - y_te.float().mean().item())
+    assert _accuracy(predict, ln(te, (D_TOK,)), y_te) < chance + 0.1
+
+
+def test_fit_attentive_is_deterministic_and_seeded():
+    tr, pos = marker_tokens(64, 5, markers=1)
+    z, y = attentive_inputs(tr, GRID_T), pos[:, 0] % 3
+    state = torch.random.get_rng_state()
+    a = fit_attentive(z, y, [3], [0.1], steps=20, seed=1)(z)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    b = fit_attentive(z, y, [3], [0.1], steps=20, seed=1)(z)
+    c = fit_attentive(z, y, [3], [0.1], steps=20, seed=2)(z)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_attentive_probes_shapes_masks_and_groups():
+    probes = AttentiveProbes(in_dim=D_TOK, num_classes=[3, 5], heads=2, dim=16, seed=0)
+    z = attentive_inputs(torch.randn(7, 64, D_TOK), GRID_T)
+    logits = probes(z)
+    assert logits.shape == (2, 7, 5)
+    assert (logits[0, :, 3:] < -1e8).all() and (logits[1] > -1e8).all()
+    groups = probes.param_groups([0.5, 2.0])
+    assert [g["weight_decay"] for g in groups] == [0.5, 0.0, 2.0, 0.0]
+    assert sum(p.numel() for g in groups for p in g["params"]) == sum(p.numel() for p in probes.parameters())
+    with pytest.raises(ValueError, match="weight decay"):
+        probes.param_groups([0.1])
+    with pytest.raises(ValueError, match="tokens"):
+        attentive_inputs(torch.randn(2, 10, D_TOK), GRID_T)
+    with pytest.raises(ValueError, match="labels"):
+        fit_attentive(z, torch.zeros(2, 7, dtype=torch.long), [3], [0.1], steps=1)
+
+
+@pytest.mark.parametrize("in_dim", [D_TOK, 16])
+def test_attentive_probes_compute_what_multihead_attention_computes(in_dim):
+    """The batched single-query path equals ``nn.MultiheadAttention(q, z, z)`` of each probe's own module
+    (with ``kdim != embed_dim`` and with the packed in-projection of ``kdim == embed_dim``)."""
+    probes = AttentiveProbes(in_dim=in_dim, num_classes=[4, 2, 3], heads=4, dim=16, seed=3)
+    with torch.no_grad():  # move the biases off zero so that they are checked too
+        for p in probes.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    z = attentive_inputs(torch.randn(5, 64, in_dim), GRID_T)
+    got = probes.pooled(z)
+    for p in range(3):
+        query = probes.query[p].view(1, 1, -1).expand(5, 1, -1)
+        want = probes.attn[p](query, z, z, need_weights=False)[0][:, 0]
+        torch.testing.assert_close(got[p], want, rtol=1e-4, atol=1e-5)
+
+
+def test_attentive_single_weight_decay_is_used_as_is():
+    cfg = ProbeConfig(train_videos=64, test_videos=32, weight_decay=[0.3], steps=20)
+    r = run_probes(make_encoder(), FakeVideos(64, 1), FakeVideos(32, 2), GRID, TUBELET, cfg)
+    assert r["appearance_weight_decay"] == r["motion_weight_decay"] == 0.3

@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"done in {wall:.0f} s (training {summary['train_seconds']:.0f} s). Run folder: {config.out_dir}")
     if "probes" in summary:
         pr = summary["probes"]
-        print("probes (frozen features, linear): " + json.dumps(
+        print("probes (frozen features): " + json.dumps(
             {k: round(v, 4) for k, v in pr.items() if k.endswith(("_acc", "_chance", "_rmse", "_r2"))}))
     return 0
 

@@ -281,7 +281,7 @@ class Trainer:
         from .probes import run_probes
 
         cfg = self.config
-        self.echo("[probes] encoding probe videos and fitting linear probes ...")
+        self.echo("[probes] encoding probe videos and fitting probes ...")
         model = self.model
         was_training = model.training
         model.eval()

@@ -1,0 +1,77 @@
+"""Shared pieces of the lightly examples: the digits data, the tiny lightly MAE, the linear probe.
+
+Data: scikit-learn's handwritten digits (1797 8x8 grey images, shipped with scikit-learn, no download),
+upscaled to 32x32 and repeated to 3 channels, normalised to zero mean / unit std. Pretraining uses the
+first 1400 images (without labels); the probe is fitted on their features and tested on the other 397.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from lightly.models.modules import MAEDecoderTIMM, MaskedVisionTransformerTIMM
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from layerlock_plugin.controller import LayerLockConfig
+from layerlock_plugin.schedule import ScheduleConfig
+from layerlock_plugin.warmup import WarmupConfig
+
+IMG, PATCH, DEPTH, DIM, HEADS = 32, 4, 6, 96, 3
+N_TRAIN = 1400
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """``images [1797, 3, 32, 32]`` (float, normalised) and ``labels [1797]``."""
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0          # [N, 1, 8, 8]
+    x = F.interpolate(x, size=(IMG, IMG), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    x = (x - x.mean()) / x.std()
+    return x, torch.tensor(d.target)
+
+
+def build_backbone_and_decoder() -> tuple[MaskedVisionTransformerTIMM, MAEDecoderTIMM]:
+    """lightly's MAE example, scaled down: a timm ViT in MaskedVisionTransformerTIMM + MAEDecoderTIMM."""
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=PATCH,
+                            depth=DEPTH, embed_dim=DIM, num_heads=HEADS)
+    backbone = MaskedVisionTransformerTIMM(vit=vit)
+    with warnings.catch_warnings():  # lightly 1.6 marks MAEDecoderTIMM deprecated; its MAE example still uses it
+        warnings.simplefilter("ignore")
+        decoder = MAEDecoderTIMM(num_patches=vit.patch_embed.num_patches, patch_size=PATCH, embed_dim=DIM,
+                                 decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)
+    return backbone, decoder
+
+
+def layerlock_config(method: str, steps: int) -> LayerLockConfig:
+    """Pixels for the first 40% of the run, then freeze 1 block every 12.5% up to 3 of 6 blocks."""
+    cfg = LayerLockConfig(schedule=ScheduleConfig(pixel_steps=int(0.4 * steps), interval=max(1, steps // 8),
+                                                  max_frozen=3),
+                          warmup=WarmupConfig(steps=max(1, steps // 40)))
+    return cfg.with_method(method)
+
+
+@torch.no_grad()
+def features(backbone: MaskedVisionTransformerTIMM, images: torch.Tensor) -> np.ndarray:
+    """Frozen, mean-pooled patch features after the final norm: ``[N, D]``."""
+    backbone.eval()
+    out = []
+    for chunk in images.split(256):
+        tokens = backbone.encode(chunk)                                  # [B, prefix + N, D]
+        out.append(tokens[:, backbone.vit.num_prefix_tokens:].mean(1))
+    return torch.cat(out).numpy()
+
+
+def probe(backbone: MaskedVisionTransformerTIMM, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Linear probe: logistic regression on frozen features, fitted on the 1400 pretraining images,
+    accuracy on the 397 held-out digits (never seen in pretraining)."""
+    x = features(backbone, images)
+    y = labels.numpy()
+    clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
+    clf.fit(x[:N_TRAIN], y[:N_TRAIN])
+    return float(np.mean(clf.predict(x[N_TRAIN:]) == y[N_TRAIN:]))
