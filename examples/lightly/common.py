@@ -75,3 +75,21 @@ def probe(backbone: MaskedVisionTransformerTIMM, images: torch.Tensor, labels: t
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=0.1))
     clf.fit(x[:N_TRAIN], y[:N_TRAIN])
     return float(np.mean(clf.predict(x[N_TRAIN:]) == y[N_TRAIN:]))
+
+
+def example_args(description: str, **extra: str):
+    """The command line both examples share (``extra``: more ``--name default`` string options)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=800)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--methods", nargs="+", default=["mae", "layerlock"],
+                        choices=["mae", "layerlock", "freeze-only", "latent-naive"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core box)")
+    for name, default in extra.items():
+        parser.add_argument(f"--{name}", default=default)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    return args

@@ -9,12 +9,11 @@ digits, then a linear probe on frozen mean-pooled features reports digit accurac
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
-from common import N_TRAIN, build_backbone_and_decoder, digits, layerlock_config, probe
+from common import N_TRAIN, build_backbone_and_decoder, digits, example_args, layerlock_config, probe
 from layerlock_plugin.adapters.lightly_mae import LayerLockMAE
 
 
@@ -46,15 +45,7 @@ def pretrain(method: str, steps: int, batch_size: int, seed: int, images: torch.
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--methods", nargs="+", default=["mae", "layerlock"],
-                        choices=["mae", "layerlock", "freeze-only", "latent-naive"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core box)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = example_args(__doc__.splitlines()[0])
     images, labels = digits()
 
     torch.manual_seed(args.seed)

@@ -10,14 +10,13 @@ metrics, LayerLock state in the checkpoint under ``checkpoint["layerlock"]``).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from common import N_TRAIN, build_backbone_and_decoder, digits, layerlock_config, probe
+from common import N_TRAIN, build_backbone_and_decoder, digits, example_args, layerlock_config, probe
 from layerlock_plugin.adapters.lightly_mae import LayerLockMAE
 from layerlock_plugin.adapters.lightning import LayerLockCallback
 
@@ -42,16 +41,7 @@ class MAE(pl.LightningModule):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--methods", nargs="+", default=["mae", "layerlock"],
-                        choices=["mae", "layerlock", "freeze-only", "latent-naive"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy 2-core box)")
-    parser.add_argument("--out", default="runs/lightly_lightning")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = example_args(__doc__.splitlines()[0], out="runs/lightly_lightning")
     images, labels = digits()
     results = {}
     for method in args.methods:
