@@ -35,7 +35,9 @@ yet, make the default DDP (``find_unused_parameters=False``) fail at the next ba
 ``Trainer(strategy="ddp_find_unused_parameters_true")`` (or ``DDPStrategy(find_unused_parameters=True)``);
 the callback refuses plain DDP with an error saying so. (Rebuilding DDP at each freeze event is the
 cheaper alternative the reference trainer may use; Lightning offers no public hook to re-wrap.)
-Tested here: single process on CPU only. Multi-process DDP/FSDP with this callback is untested.
+Tested here on CPU: single process, and 2-process DDP (gloo, ``ddp_find_unused_parameters_true``) across
+two freeze events (tests/test_lightning_ddp.py: frozen blocks never move again, weights identical on
+both ranks). Lightning's FSDP strategy with this callback is untested.
 """
 
 from __future__ import annotations
