@@ -1,0 +1,140 @@
+"""Workaround for the broken mmaction2 1.2.0 wheel on PyPI (narrowly scoped, warns once).
+
+The wheel lacks the package ``mmaction/models/localizers/drn/`` (upstream open-mmlab/mmaction2
+issue #2714), yet ``mmaction/models/localizers/__init__.py`` runs ``from .drn.drn import DRN``. So
+``import mmaction.models`` fails, and with it every registry lookup of an mmaction2 model, dataset or
+transform. DRN is a language-grounding localizer that LayerLock never uses.
+
+:func:`install_drn_placeholder` looks for the folder **on disk** (``importlib.util.find_spec`` on the
+subpackage would itself import ``mmaction.models`` and fail) and, only when it is missing, puts two
+placeholder modules into ``sys.modules`` so that the import succeeds. The placeholder ``DRN`` raises
+a clear error if anybody builds it. With mmaction2 installed from source (the folder exists) it does
+nothing and warns nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import types
+import warnings
+from pathlib import Path
+
+from layerlock_plugin.errors import MissingDependencyError
+
+#: Where the wheel should have put DRN, relative to the ``mmaction`` package folder.
+DRN_RELATIVE_PATH = Path("models") / "localizers" / "drn" / "drn.py"
+_PACKAGE = "mmaction.models.localizers.drn"
+_MODULE = _PACKAGE + ".drn"
+_warned = False
+
+
+class DRNUnavailable(RuntimeError):
+    """Raised when the placeholder DRN localizer is built."""
+
+
+class DRN:  # noqa: D101 - a placeholder with the name mmaction's __init__ imports
+    """Placeholder for mmaction2's DRN localizer, which the PyPI wheel does not ship."""
+
+    def __init__(self, *args, **kwargs):
+        raise DRNUnavailable(
+            "DRN is not available: the mmaction2 1.2.0 wheel from PyPI lacks "
+            "mmaction/models/localizers/drn (open-mmlab/mmaction2#2714) and layerlock_plugin installed "
+            "a placeholder so that the rest of mmaction2 imports. Install mmaction2 from source "
+            "(pip install git+https://github.com/open-mmlab/mmaction2) to use DRN."
+        )
+
+
+def mmaction_root() -> Path:
+    """The folder of the installed ``mmaction`` package (imports nothing from it)."""
+    spec = importlib.util.find_spec("mmaction")  # a top-level spec lookup does not import it
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(
+            'layerlock_plugin.adapters.mmaction needs mmaction2: pip install "layerlock-plugin[mmaction]"'
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def drn_missing(root: Path | None = None) -> bool:
+    """True when the installed mmaction2 lacks the DRN subpackage (the broken PyPI wheel)."""
+    return not ((root or mmaction_root()) / DRN_RELATIVE_PATH).is_file()
+
+
+def install_drn_placeholder() -> bool:
+    """Make ``import mmaction.models`` work on the broken wheel. Returns True if a placeholder was
+    installed by this call; False when nothing was needed (source install, or already installed)."""
+    global _warned
+    if _MODULE in sys.modules or not drn_missing():
+        return False
+    package = types.ModuleType(_PACKAGE, "layerlock_plugin placeholder for the missing DRN subpackage")
+    package.__path__ = []  # a package, so that `.drn.drn` resolves
+    module = types.ModuleType(_MODULE, "layerlock_plugin placeholder for the missing DRN localizer")
+    module.DRN = DRN
+    package.drn = module
+    sys.modules[_PACKAGE] = package
+    sys.modules[_MODULE] = module
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            "layerlock_plugin: the installed mmaction2 lacks mmaction/models/localizers/drn "
+            "(the PyPI 1.2.0 wheel, open-mmlab/mmaction2#2714); installed a placeholder for the DRN "
+            "localizer so that mmaction.models imports. Everything else in mmaction2 is unaffected; "
+            "building DRN raises an error. Install mmaction2 from source to silence this.",
+            stacklevel=2,
+        )
+    return True
+
+
+# -- mmengine 0.10.7 checkpoints under torch >= 2.6 ------------------------------------------------------
+# torch.load defaults to weights_only=True since torch 2.6, and mmengine 0.10.7 calls torch.load without
+# the argument (open-mmlab/mmengine#1655, fix PR #1650 still open). Its checkpoints hold the MessageHub's
+# HistoryBuffer objects (numpy arrays and bound methods, which need `builtins.getattr`: not safe to
+# allowlist) and numpy scalars in runtime_info, so `--resume` and `load_from` fail. LayerLockHook stores
+# these as plain lists/floats when saving and rebuilds the HistoryBuffers after loading, so mmengine's
+# own weights_only load succeeds and nothing has to be allowlisted.
+_HISTORY_MARK = "__layerlock_history_buffer__"
+
+
+def _plain(value):
+    """numpy scalars/arrays -> Python numbers/lists (weights_only-safe); anything else unchanged."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return type(value)((k, _plain(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def message_hub_to_plain(checkpoint: dict) -> None:
+    """In place: make ``checkpoint['message_hub']`` loadable with ``torch.load(weights_only=True)``."""
+    from mmengine.logging import HistoryBuffer
+
+    hub = checkpoint.get("message_hub")
+    if not isinstance(hub, dict):
+        return
+    scalars = hub.get("log_scalars", {})
+    for key, buf in list(scalars.items()):
+        if isinstance(buf, HistoryBuffer):
+            log, count = buf.data
+            scalars[key] = {_HISTORY_MARK: True, "log_history": log.tolist(), "count_history": count.tolist(),
+                            "max_length": int(buf.max_length)}
+    if isinstance(hub.get("runtime_info"), dict):
+        hub["runtime_info"] = _plain(hub["runtime_info"])
+
+
+def message_hub_from_plain(checkpoint: dict) -> None:
+    """In place: undo :func:`message_hub_to_plain` (HistoryBuffers back for ``MessageHub.load_state_dict``)."""
+    from mmengine.logging import HistoryBuffer
+
+    hub = checkpoint.get("message_hub")
+    if not isinstance(hub, dict):
+        return
+    scalars = hub.get("log_scalars", {})
+    for key, buf in list(scalars.items()):
+        if isinstance(buf, dict) and buf.get(_HISTORY_MARK):
+            scalars[key] = HistoryBuffer(buf["log_history"], buf["count_history"], buf["max_length"])
