@@ -1,0 +1,101 @@
+"""Shared plumbing for the benchmark scripts: provenance (machine, versions, command, date), JSON output,
+and a matplotlib figure that needs no display. Not a study itself."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _use_source_tree() -> None:
+    """``LAYERLOCK_SRC=/path/to/checkout``: import ``layerlock_plugin`` from that tree instead of the
+    installed (possibly editable, possibly mid-edit) one, so long runs measure one fixed commit.
+    Inherited by spawned worker processes through the environment."""
+    src = os.environ.get("LAYERLOCK_SRC")
+    if not src:
+        return
+    sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")]
+    sys.path.insert(0, os.path.abspath(src))
+
+
+_use_source_tree()
+
+import torch  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def provenance(argv: list[str] | None = None) -> dict[str, Any]:
+    """Where and how a number was produced: put next to every result."""
+    try:
+        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+    except OSError:
+        cpu = platform.processor()
+    return {
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "command": "python " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv)),
+        "machine": f"{os.cpu_count()} CPU cores ({cpu})" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "layerlock_plugin": _source_of_package(),
+    }
+
+
+def _source_of_package() -> str:
+    """Where ``layerlock_plugin`` was imported from, with the git commit when there is one."""
+    import subprocess
+
+    import layerlock_plugin
+
+    root = Path(layerlock_plugin.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "layerlock_plugin", "adapters"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = "", ""
+    commit = commit or os.environ.get("LAYERLOCK_COMMIT", "")
+    return f"{root}" + (f" @ {commit}" if commit else "") + (" (uncommitted changes)" if dirty else "")
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def figure(width: float = 8.0, height: float = 4.5):
+    """A matplotlib Figure on the Agg canvas (no pyplot global state, no display)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample std (ddof=1; 0 for a single value)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(values) / n
+    s = (sum((v - m) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
+    return m, s

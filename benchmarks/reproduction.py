@@ -1,0 +1,252 @@
+"""Small-scale reproduction of the paper's comparison: same model, data and step budget, several seeds.
+
+Every run is the reference trainer (``layerlock_plugin.reference.trainer.Trainer``) on the packaged tiny
+config (6-block video ViT, 4 encoder + 2 decoder blocks, embedded moving-digits videos) with only the
+method, the seed, the step budget and explicit ``--set`` overrides changed; probes on (attentive motion /
+appearance probes, ridge depth probe on frozen encoder tokens). The evaluation is the trainer's own and
+is the same for every method.
+
+Variants (``--methods``): ``mae``, ``freeze-only``, ``layerlock``, ``latent-naive`` (the paper's
+comparison; naive latent prediction must collapse), and the ablations ``layerlock-no-warmup``
+(``warmup.steps=0``) and ``layerlock-multi`` (``target.mode=multi``).
+
+The freezing schedule keeps the tiny config's shape for any ``--steps``: pixels for 40% of the run, then
+one more block frozen every 2/15 of the run until 3 of the 4 encoder blocks are frozen (at 1500 steps:
+events at 600, 800, 1000, exactly the packaged config).
+
+    python benchmarks/reproduction.py --quick                 # minutes: tiny budget, 1 seed, CI smoke
+    python benchmarks/reproduction.py                         # full: 4 methods x 3 seeds x 1500 steps
+    python benchmarks/reproduction.py --methods layerlock layerlock-no-warmup layerlock-multi --tag ablations
+
+Writes ``benchmarks/results/reproduction[-TAG].json`` (every run, aggregated mean and std, provenance),
+``.md`` (the table) and ``collapse[-TAG].png`` (collapse statistics of the latent target over time).
+Run folders go to ``runs/bench/reproduction[-TAG]/<variant>-s<seed>``; a run whose folder already holds a
+``summary.json`` for the same config is read back rather than retrained (delete the folder to redo it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, figure, mean_std, provenance, save_figure, write_json  # noqa: E402
+
+from layerlock_plugin.collapse import feature_stats  # noqa: E402
+from layerlock_plugin.reference.config import load_config  # noqa: E402
+from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
+from layerlock_plugin.reference.trainer import Trainer, read_jsonl  # noqa: E402
+
+#: variant name -> (trainer method, extra overrides)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "mae": ("mae", []),
+    "freeze-only": ("freeze-only", []),
+    "layerlock": ("layerlock", []),
+    "latent-naive": ("latent-naive", []),
+    "layerlock-no-warmup": ("layerlock", ["warmup.steps=0"]),
+    "layerlock-multi": ("layerlock", ["target.mode=multi"]),
+}
+PAPER_METHODS = ["mae", "freeze-only", "layerlock", "latent-naive"]
+# Columns of the table: (key in probes.json, header, higher is better)
+METRICS = [("motion_acc", "motion acc", True), ("appearance_acc", "appearance acc", True),
+           ("dense_r2", "depth R²", True), ("dense_rmse", "depth RMSE", False)]
+STATS = [("final_loss", "final loss"), ("encoder_feature_std", "enc. feature std"),
+         ("encoder_effective_rank", "enc. eff. rank")]
+
+QUICK_SETS = ["data.num_videos=64", "train.batch_size=8", "probe.train_videos=48", "probe.test_videos=48",
+              "probe.steps=20", "probe.weight_decay=1.0", "probe.l2=0.01", "train.log_every=2", "guard.every=2"]
+
+
+def schedule_sets(steps: int) -> list[str]:
+    """The packaged schedule's shape (pixels 40%, a freeze every 2/15 of the run, 3 blocks) at ``steps``."""
+    pixel, interval = round(0.4 * steps), max(1, round(steps * 2 / 15))
+    warm = max(1, round(40 * steps / 1500))
+    return [f"schedule.pixel_steps={pixel}", f"schedule.interval={interval}", "schedule.max_frozen=3",
+            f"warmup.steps={warm}", f"optim.warmup_steps={max(1, round(100 * steps / 1500))}"]
+
+
+def run_overrides(variant: str, seed: int, steps: int, out: Path, extra: list[str], threads: int) -> list[str]:
+    method, variant_sets = VARIANTS[variant]
+    # variant-specific overrides come after the schedule-derived ones, so e.g. warmup.steps=0 wins
+    return [f"out_dir={out}", f"method={method}", f"seed={seed}", f"train.steps={steps}", "train.progress=false",
+            f"train.threads={threads}", f"train.ckpt_every={steps}", *schedule_sets(steps), *extra, *variant_sets]
+
+
+@torch.no_grad()
+def encoder_stats(trainer: Trainer, num_videos: int = 64) -> dict[str, float]:
+    """Feature std / effective rank of the final encoder tokens on test clips (same measure for every
+    method: how collapsed the representation the probes read is)."""
+    ds = DigitsVideoDataset(trainer.config.data, "test")
+    video = torch.stack([ds[i]["video"] for i in range(min(num_videos, len(ds)))])
+    trainer.model.eval()
+    tokens = trainer.model.encode(video.to(trainer.device))
+    s = feature_stats(tokens, sample_tokens=1024)
+    return {"encoder_feature_std": s["feature_std"], "encoder_effective_rank": s["effective_rank"]}
+
+
+def finished_row(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved row of a finished run with exactly this job's config, else None."""
+    done = Path(job["out"]) / "row.json"
+    if not done.is_file():
+        return None
+    row = json.loads(done.read_text())
+    return row if row.get("config") == load_config(None, job["overrides"]).to_dict() else None
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train (or read back) one run; returns its row."""
+    out = Path(job["out"])
+    config = load_config(None, job["overrides"])
+    done = out / "row.json"
+    row = finished_row(job)
+    if row is not None:
+        return row
+    started = time.perf_counter()
+    trainer = Trainer(config, echo=lambda s: None)
+    summary = trainer.fit()
+    rows = read_jsonl(out / "metrics.jsonl")
+    tail = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]
+    row = {
+        "variant": job["variant"], "seed": job["seed"], "steps": config.train.steps,
+        "probes": summary.get("probes", {}), "final_loss": sum(tail) / len(tail),
+        **encoder_stats(trainer), "events": [(e["step"], e["num_frozen"]) for e in summary["events"]],
+        "wall_s": round(time.perf_counter() - started, 1), "train_s": summary["train_seconds"],
+        "collapse_over_time": [{k: r[k] for k in ("step", "layerlock/feature_std", "layerlock/effective_rank",
+                                                  "loss") if k in r} for r in rows],
+        "config": config.to_dict(),
+    }
+    done.write_text(json.dumps(row))
+    print(f"  {job['variant']:>20} seed {job['seed']}: {row['wall_s']:.0f} s, loss {row['final_loss']:.4f}, "
+          + ", ".join(f"{k} {row['probes'].get(k, float('nan')):.3f}" for k, _, _ in METRICS), flush=True)
+    return row
+
+
+def aggregate(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, Any]]:
+    table: dict[str, dict[str, Any]] = {}
+    for v in variants:
+        mine = [r for r in rows if r["variant"] == v]
+        if not mine:
+            continue
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in mine]}
+        for key, _, _ in METRICS:
+            entry[key] = mean_std([r["probes"][key] for r in mine if key in r["probes"]])
+        for key, _ in STATS:
+            entry[key] = mean_std([r[key] for r in mine])
+        chance = [r["probes"].get("motion_chance") for r in mine]
+        entry["motion_chance"] = chance[0]
+        entry["appearance_chance"] = mine[0]["probes"].get("appearance_chance")
+        table[v] = entry
+    return table
+
+
+def markdown(table: dict[str, dict[str, Any]], steps: int, meta: dict[str, Any]) -> str:
+    def cell(ms: tuple[float, float]) -> str:
+        return f"{ms[0]:.3f} ± {ms[1]:.3f}"
+
+    heads = [h for _, h, _ in METRICS] + [h for _, h in STATS]
+    lines = [f"| method ({steps} steps, seeds) | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for v, e in table.items():
+        cells = [cell(e[k]) for k, _, _ in METRICS] + [cell(e[k]) for k, _ in STATS]
+        lines.append(f"| {v} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells) + " |")
+    any_e = next(iter(table.values()), {})
+    lines.append("")
+    lines.append(f"Chance: motion {any_e.get('motion_chance')}, appearance {any_e.get('appearance_chance')}. "
+                 f"mean ± std over seeds (sample std). {meta['machine']}, torch {meta['torch']}, {meta['date_utc']}.")
+    lines.append(f"Command: `{meta['command']}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot_collapse(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Latent-target feature std and effective rank over training for every latent variant and seed."""
+    fig = figure(11, 4)
+    axes = fig.subplots(1, 2)
+    colours = {"layerlock": "tab:blue", "latent-naive": "tab:red", "layerlock-no-warmup": "tab:green",
+               "layerlock-multi": "tab:purple"}
+    for ax, key, label in zip(axes, ("layerlock/feature_std", "layerlock/effective_rank"),
+                              ("target feature std (scale-free)", "target effective rank / dim")):
+        seen = set()
+        for r in rows:
+            pts = [(p["step"], p[key]) for p in r["collapse_over_time"] if key in p]
+            if not pts:
+                continue
+            xs, ys = zip(*pts)
+            name = r["variant"]
+            ax.plot(xs, ys, color=colours.get(name, "gray"), alpha=0.8, lw=1.2,
+                    label=None if name in seen else name)
+            seen.add(name)
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        if seen:
+            ax.legend()
+    fig.suptitle("Collapse statistics of the latent target (one line per seed)")
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny budget (24 steps, 64 clips, 1 seed): a smoke run")
+    p.add_argument("--methods", nargs="+", default=None, choices=sorted(VARIANTS), metavar="VARIANT")
+    p.add_argument("--seeds", nargs="+", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 1500; quick 24)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra trainer override applied to every run (same for all methods)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each with --threads threads)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--tag", default="", help="suffix for result files and run folders")
+    p.add_argument("--runs-dir", default="runs/bench", help="parent folder of the run folders")
+    p.add_argument("--results-dir", default=str(RESULTS))
+    p.add_argument("--collect-only", action="store_true",
+                   help="train nothing: tabulate the runs whose folders already hold a finished row.json")
+    args = p.parse_args(argv)
+
+    methods = args.methods or PAPER_METHODS
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    steps = args.steps or (24 if args.quick else 1500)
+    extra = (QUICK_SETS if args.quick else []) + args.sets
+    tag = args.tag or ("quick" if args.quick else "")
+    suffix = f"-{tag}" if tag else ""
+    runs = Path(args.runs_dir) / f"reproduction{suffix}"
+    jobs = [{"variant": v, "seed": s, "out": str(runs / f"{v}-s{s}"),
+             "overrides": run_overrides(v, s, steps, runs / f"{v}-s{s}", extra, args.threads)}
+            for s in seeds for v in methods]
+    meta = provenance()
+    print(f"reproduction: {len(jobs)} runs ({', '.join(methods)} x seeds {seeds}), {steps} steps each, "
+          f"{args.jobs} at a time", flush=True)
+    if args.collect_only:
+        rows = [r for r in (finished_row(j) for j in jobs) if r is not None]
+        missing = [f"{j['variant']}-s{j['seed']}" for j in jobs if finished_row(j) is None]
+        if missing:
+            print(f"not finished (left out of the table): {', '.join(missing)}")
+        if not rows:
+            print("no finished runs to collect", file=sys.stderr)
+            return 1
+    elif args.jobs > 1:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            rows = pool.map(run_one, jobs, chunksize=1)
+    else:
+        rows = [run_one(j) for j in jobs]
+    table = aggregate(rows, methods)
+    results = Path(args.results_dir)
+    payload = {"study": "reproduction", "provenance": meta, "steps": steps, "methods": methods, "seeds": seeds,
+               "extra_overrides": extra, "table": table,
+               "runs": [{k: v for k, v in r.items() if k != "config"} for r in rows],
+               "config_of_first_run": rows[0]["config"]}
+    write_json(results / f"reproduction{suffix}.json", payload)
+    md = markdown(table, steps, meta)
+    (results / f"reproduction{suffix}.md").write_text(md)
+    plot_collapse(rows, results / f"collapse{suffix}.png")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Each benchmark study's ``--quick`` mode on tiny settings: it runs, writes its JSON/Markdown/PNG, and the
+deterministic efficiency invariants hold (FLOPs at the ideal, nothing stored for frozen blocks)."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def _load(name):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _outputs(folder, stem):
+    for suffix in (".json", ".md"):
+        assert (folder / f"{stem}{suffix}").stat().st_size > 0, stem + suffix
+    return json.loads((folder / f"{stem}.json").read_text())
+
+
+@pytest.mark.timeout(240)
+def test_efficiency_quick(tmp_path):
+    eff = _load("efficiency")
+    assert eff.main(["--quick", "--reps", "1", "--overhead-reps", "1", "--results-dir", str(tmp_path)]) == 0
+    res = _outputs(tmp_path, "efficiency-quick")
+    assert (tmp_path / "efficiency-quick.png").stat().st_size > 0
+    (tiny,) = res["sizes"]
+    rows = tiny["rows"]
+    assert {(r["method"], r["k"]) for r in rows} == {(m, k) for m in eff.METHODS for k in range(tiny["max_k"] + 1)}
+    for r in rows:
+        assert abs(r["flops_gap"]) <= 0.03, (r["method"], r["k"], r["flops_gap"])
+        # frozen units: nothing saved for backward, no gradient, no optimizer state
+        assert r["frozen_units_saved_bytes"] == r["frozen_units_grad_bytes"] == r["frozen_units_state_bytes"] == 0
+        assert r["saved_bytes"] <= r["saved_bytes_ideal"]
+    fo = [r for r in rows if r["method"] == "freeze-only"]
+    assert all(a["flops"] > b["flops"] and a["grad_bytes"] > b["grad_bytes"] for a, b in zip(fo, fo[1:]))
+    ll = [r for r in rows if r["method"] == "layerlock"]
+    assert all(b["ideal_parts"]["target_pass"] > a["ideal_parts"]["target_pass"] for a, b in zip(ll, ll[1:]))
+    assert res["overhead"]["tiny"]["plugin_flops"] == res["overhead"]["tiny"]["plain_flops"]
+    g500, g1m = res["paper_4ds_g"]
+    assert 0 < g500["freeze_only_flops_saving"] < g1m["freeze_only_flops_saving"] < 0.5
+
+
+def test_ideal_flops_matches_a_hand_count():
+    eff = _load("efficiency")
+    s = eff.Shape(B=1, N=8, V=2, Q=6, D=4, H=16, L_e=2, L_d=1, P=3)
+    blk = lambda n: 2 * n * (3 * 16 + 16 + 2 * 64) + 4 * n * n * 4  # noqa: E731
+    stem = 2 * 8 * 4 * 3
+    assert eff.ideal_step_flops(s, 0, [])["total"] == 2 * stem + 3 * 2 * blk(2) + 3 * blk(8) + 3 * 2 * 6 * 4 * 3
+    assert eff.ideal_step_flops(s, 1, [1])["total"] == (
+        stem + blk(2) + 3 * blk(2) + 3 * blk(8) + 3 * 2 * 6 * 4 * 4 + stem + blk(8))
+
+
+@pytest.mark.timeout(240)
+def test_reproduction_quick(tmp_path):
+    rep = _load("reproduction")
+    args = ["--quick", "--steps", "12", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+    assert rep.main(args) == 0
+    res = _outputs(tmp_path, "reproduction-quick")
+    assert (tmp_path / "collapse-quick.png").stat().st_size > 0
+    assert list(res["table"]) == rep.PAPER_METHODS
+    for method, entry in res["table"].items():
+        for key, _, _ in rep.METRICS:
+            assert all(math.isfinite(x) for x in entry[key]), (method, key)
+    naive = next(r for r in res["runs"] if r["variant"] == "latent-naive")
+    assert any("layerlock/feature_std" in p for p in naive["collapse_over_time"])
+    # a second call reads the finished runs back instead of training again
+    assert rep.main(args + ["--collect-only"]) == 0
