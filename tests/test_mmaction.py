@@ -1,0 +1,263 @@
+"""mmaction2 integration, run the way a user runs it: mmaction2's own tools/train.py (shipped in the
+installed wheel under mmaction/.mim/tools/) on the tiny example config, over real mp4 files that
+OpenCV writes and decord reads.
+
+One 12-iteration run crosses two freeze events / target switches (steps 4 and 7); a second run
+resumes it from the mid-schedule checkpoint (iteration 6, inside a switch warmup) with ``--resume``,
+using a config *without* ``default_scope`` (custom_imports alone); the result's backbone is loaded
+into mmaction2's stock VideoMAE fine-tuning config and its test pipeline runs on the clips.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("mmaction", reason='needs pip install "layerlock-plugin[mmaction]"')
+pytest.importorskip("decord")
+pytest.importorskip("cv2")
+
+import layerlock_plugin.adapters.mmaction  # noqa: E402,F401  (registers; installs the DRN placeholder)
+from layerlock_plugin.adapters.mmaction.compat import mmaction_root  # noqa: E402
+from layerlock_plugin.adapters.mmaction.convert import convert  # noqa: E402
+from layerlock_plugin.errors import ConfigError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "examples" / "mmaction2" / "layerlock_vit-tiny_cpu.py"
+TRAIN = mmaction_root() / ".mim" / "tools" / "train.py"
+STOCK = mmaction_root() / ".mim" / "configs" / "recognition" / "videomae" / "vit-base-p16_videomae-k400-pre_16x4x1_kinetics-400.py"
+PIXEL_STEPS, INTERVAL, WARMUP, ITERS = 4, 3, 3, 12  # as in the tiny config
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "examples" / "mmaction2" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("clips")
+    _load_example("make_tiny_clips").write_clips(root, num_clips=4, num_frames=24)
+    return root
+
+
+def _data_options(root: Path) -> list[str]:
+    return ["--cfg-options", f"train_dataloader.dataset.ann_file={root}/train_list.txt",
+            f"train_dataloader.dataset.data_prefix.video={root}/videos"]
+
+
+def _train(config: Path, work_dir: Path, data: Path, *extra: str) -> str:
+    cmd = [sys.executable, str(TRAIN), str(config), "--work-dir", str(work_dir), *extra, *_data_options(data)]
+    proc = subprocess.run(cmd, cwd=work_dir.parent, capture_output=True, text=True, timeout=400,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"tools/train.py failed:\n{log[-4000:]}"
+    return log
+
+
+def _scalars(work_dir: Path) -> dict[int, dict]:
+    """{1-based iteration: logged scalars} from the LocalVisBackend's scalars.json."""
+    (path,) = work_dir.glob("*/vis_data/scalars.json")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {row["step"]: row for row in rows if "layerlock/num_frozen" in row}
+
+
+def _expected_plan(step: int) -> tuple[int, float]:
+    """(num_frozen, warmup factor) of 0-based ``step`` under the tiny config's schedule."""
+    stage = 0 if step < PIXEL_STEPS else min(1 + (step - PIXEL_STEPS) // INTERVAL, 2)
+    since = step - (PIXEL_STEPS + (stage - 1) * INTERVAL)
+    factor = 1.0 if stage == 0 or since >= WARMUP else 0.1 + 0.9 * since / WARMUP
+    return stage, factor
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)  # our checkpoints need no allowlist
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, data) -> tuple[Path, str]:
+    work = tmp_path_factory.mktemp("run") / "work"
+    return work, _train(TINY, work, data)
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, data, run) -> tuple[Path, str]:
+    """Resume run's iteration-6 checkpoint with a config that has custom_imports but no default_scope
+    (the runner's scope is then mmengine's: mmengine issue #1662); mmaction2's own data types are
+    named with their scope, LayerLock's need nothing."""
+    base = tmp_path_factory.mktemp("resumed")
+    text = TINY.read_text()
+    assert "default_scope = 'mmaction'\n" in text
+    text = text.replace("default_scope = 'mmaction'\n", "")
+    # mmengine builds a dataset's transforms in the runner's scope, so each mmaction2 type needs its
+    # scope prefix without default_scope; LayerLockVideoMAE resolves its backbone and preprocessor itself.
+    for name in ("VideoDataset", "ActionVisualizer", "DecordInit", "SampleFrames", "DecordDecode", "Resize",
+                 "CenterCrop", "FormatShape", "PackActionInputs"):
+        assert f"type='{name}'" in text, name
+        text = text.replace(f"type='{name}'", f"type='mmaction.{name}'")
+    config = base / "tiny_no_default_scope.py"
+    config.write_text(text)
+    work = base / "work"
+    work.mkdir()
+    ckpt = work / "iter_6.pth"
+    ckpt.write_bytes((run[0] / "iter_6.pth").read_bytes())
+    return work, _train(config, work, data, "--resume", str(ckpt))
+
+
+@pytest.mark.timeout(420)
+def test_train_py_crosses_freeze_events_and_logs_layerlock_scalars(run):
+    work, log = run
+    scalars = _scalars(work)
+    assert sorted(scalars) == list(range(1, ITERS + 1))
+    for it, row in scalars.items():
+        frozen, factor = _expected_plan(it - 1)
+        assert row["layerlock/num_frozen"] == frozen, (it, row)
+        assert row["layerlock/target_layer"] == frozen, (it, row)
+        assert row["layerlock/warmup_factor"] == pytest.approx(factor), (it, row)
+        # collapse statistics exist once the target is latent
+        assert ("layerlock/effective_rank" in row) == (frozen > 0), (it, row)
+    assert "[layerlock] step 4: froze stem, block1 (1 blocks frozen); target -> layer_1" in log
+    assert "[layerlock] step 7: froze block2 (2 blocks frozen); target -> layer_2" in log
+
+
+@pytest.mark.timeout(420)
+def test_frozen_parameters_stop_changing_and_lose_optimizer_state(run):
+    work, _ = run
+    ck = {i: _state(work / f"iter_{i}.pth") for i in (3, 6, 9, 12)}
+    sd = {i: c["state_dict"] for i, c in ck.items()}
+
+    def same(prefix, a, b):
+        keys = [k for k in sd[a] if k.startswith(prefix)]
+        assert keys, prefix
+        return all(torch.equal(sd[a][k], sd[b][k]) for k in keys)
+
+    # Block 1 (and the stem) freeze at step 4: trained up to then, untouched afterwards.
+    assert not same("backbone.blocks.0.", 3, 6)
+    assert same("backbone.blocks.0.", 6, 12) and same("backbone.patch_embed.", 6, 12)
+    # Block 2 freezes at step 7: still training between iterations 6 and 9, frozen from 9 on.
+    assert not same("backbone.blocks.1.", 6, 9)
+    assert same("backbone.blocks.1.", 9, 12)
+    assert not same("backbone.blocks.3.", 9, 12)  # the last block never freezes
+    assert ck[12]["layerlock"]["next_step"] == ITERS
+    # AdamW keeps no state for frozen parameters (so neither momentum nor weight decay moves them).
+    names = list(sd[12])  # parameter order of the optimizer = model.parameters() order
+    params = [k for k in names if not k.endswith("pos_embed")]  # pos_embed is a buffer here
+    state = ck[12]["optimizer"]["state"]
+    frozen_idx = [i for i, k in enumerate(params) if k.startswith(("backbone.blocks.0.", "backbone.blocks.1.", "backbone.patch_embed."))]
+    assert frozen_idx and not any(i in state for i in frozen_idx)
+    trained_idx = [i for i, k in enumerate(params) if k.startswith("backbone.blocks.3.")]
+    assert all(i in state for i in trained_idx)
+
+
+@pytest.mark.timeout(420)
+def test_resume_mid_schedule_continues_the_plan_exactly(run, resumed):
+    (work, _), (rwork, rlog) = run, resumed
+    assert "resumed at iteration 6: 1 blocks frozen, target layer_1" in rlog
+    full, again = _scalars(work), _scalars(rwork)
+    assert sorted(again) == list(range(7, ITERS + 1))
+    for it in again:  # same plan, same warmup, same losses as the uninterrupted run
+        for key in ("layerlock/num_frozen", "layerlock/target_layer", "layerlock/warmup_factor"):
+            assert again[it][key] == full[it][key], (it, key)
+        assert again[it]["loss"] == pytest.approx(full[it]["loss"], rel=1e-4), it
+    a, b = _state(work / "iter_12.pth")["state_dict"], _state(rwork / "iter_12.pth")["state_dict"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.timeout(420)
+def test_backbone_loads_into_stock_videomae_config_and_runs_its_test_pipeline(run, data, tmp_path):
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope
+    from mmengine.runner import Runner
+
+    from mmaction.registry import MODELS
+
+    backbone_file = convert(run[0] / "iter_12.pth", tmp_path / "backbone.pth")
+    cfg = Config.fromfile(str(STOCK))
+    # Shrink the stock ViT-B/16 to the tiny run's size (CPU); key names are the stock ones.
+    cfg.model.backbone.update(img_size=32, embed_dims=64, depth=4, num_heads=4, num_frames=8)
+    cfg.model.cls_head.update(in_channels=64, num_classes=2)
+    with DefaultScope.overwrite_default_scope("mmaction"):
+        model = MODELS.build(cfg.model)
+    state = {k[len("backbone."):]: v for k, v in _state(backbone_file)["state_dict"].items()}
+    result = model.backbone.load_state_dict(state, strict=False)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+
+    pipeline = cfg.test_pipeline
+    pipeline[1].update(clip_len=8, frame_interval=2, num_clips=2)
+    pipeline[3].update(scale=(-1, 32))
+    pipeline[4].update(crop_size=32)
+    cfg.test_dataloader.update(num_workers=0, persistent_workers=False)
+    cfg.test_dataloader.dataset.update(ann_file=str(data / "train_list.txt"),
+                                       data_prefix=dict(video=str(data / "videos")), pipeline=pipeline)
+    cfg.update(work_dir=str(tmp_path / "test"), load_from=str(backbone_file),
+               env_cfg=dict(dist_cfg=dict(backend="gloo")))
+    metrics = Runner.from_cfg(cfg).test()
+    assert 0.0 <= metrics["acc/top1"] <= 1.0
+    # the loaded backbone is the trained one
+    trained = _state(run[0] / "iter_12.pth")["state_dict"]["backbone.blocks.3.mlp.layers.1.weight"]
+    assert torch.equal(state["blocks.3.mlp.layers.1.weight"], trained)
+
+
+# -- bad input: errors name the config key -------------------------------------------------------------
+def _build(cfg: dict, registry: str = "HOOKS"):
+    from mmaction import registry as reg
+    from mmengine.registry import DefaultScope
+
+    with DefaultScope.overwrite_default_scope("mmaction"):
+        return getattr(reg, registry).build(cfg)
+
+
+def test_unknown_hook_keys_are_named():
+    with pytest.raises(ConfigError, match=r"^LayerLockHook\.pixel_stps: unknown key"):
+        _build(dict(type="LayerLockHook", pixel_stps=3))
+    with pytest.raises(ConfigError, match=r"^LayerLockHook\.schedule\.intervall: unknown key"):
+        _build(dict(type="LayerLockHook", schedule=dict(intervall=3)))
+    with pytest.raises(ConfigError, match=r"^LayerLockHook\.warmup\.steps"):
+        _build(dict(type="LayerLockHook", warmup=dict(steps=-1)))
+
+
+def test_backbone_without_blocks_is_refused():
+    with pytest.raises(ConfigError, match=r"^model\.backbone: must be mmaction2's VisionTransformer.*C3D"):
+        _build(dict(type="LayerLockVideoMAE", backbone=dict(type="C3D")), "MODELS")
+    with pytest.raises(ConfigError, match=r"^model\.mask\.type"):
+        _build(dict(type="LayerLockVideoMAE", backbone=dict(type="VisionTransformer"), mask=dict(type="block")), "MODELS")
+
+
+def _runner(tmp_path, data, **changes):
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    cfg = Config.fromfile(str(TINY))
+    cfg.train_dataloader.dataset.update(ann_file=str(data / "train_list.txt"), data_prefix=dict(video=str(data / "videos")))
+    cfg.merge_from_dict(changes)
+    cfg.work_dir = str(tmp_path)
+    return Runner.from_cfg(cfg)
+
+
+def test_max_frozen_beyond_the_encoder_is_refused_before_training(tmp_path, data):
+    hooks = [dict(type="LayerLockHook", schedule=dict(pixel_steps=4, interval=3, max_frozen=4))]
+    runner = _runner(tmp_path, data, custom_hooks=hooks)
+    with pytest.raises(ConfigError, match=r"^LayerLockHook\.schedule\.max_frozen: must be smaller than .*\(4\)"):
+        runner.train()
+    assert runner.iter == 0
+
+
+def test_hook_refuses_a_model_that_is_not_the_layerlock_model(tmp_path, data):
+    model = dict(_delete_=True, type="Recognizer3D",
+                 backbone=dict(type="VisionTransformer", img_size=32, embed_dims=64, depth=4, num_heads=4, num_frames=8),
+                 cls_head=dict(type="TimeSformerHead", num_classes=2, in_channels=64),
+                 data_preprocessor=dict(type="ActionDataPreprocessor", format_shape="NCTHW"))
+    runner = _runner(tmp_path, data, model=model)
+    with pytest.raises(ConfigError, match=r"^model\.type: LayerLockHook needs the LayerLock pretraining model"):
+        runner.train()
