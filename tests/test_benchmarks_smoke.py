@@ -78,3 +78,15 @@ def test_reproduction_quick(tmp_path):
     assert any("layerlock/feature_std" in p for p in naive["collapse_over_time"])
     # a second call reads the finished runs back instead of training again
     assert rep.main(args + ["--collect-only"]) == 0
+
+
+@pytest.mark.timeout(240)
+def test_layer_dynamics_quick(tmp_path):
+    ld = _load("layer_dynamics")
+    assert ld.main(["--quick", "--snapshots", "4", "--results-dir", str(tmp_path)]) == 0
+    res = _outputs(tmp_path, "layer_dynamics-quick")
+    for png in ("param_norms-quick.png", "layer_convergence-quick.png"):
+        assert (tmp_path / png).stat().st_size > 0
+    assert [g["frozen"] for g in res["convergence"]] == [0, 1, 2, 3]
+    assert all(math.isfinite(g["final_loss"]) for g in res["convergence"])
+    assert res["units"][:2] == ["stem", "block_1"] and len(res["norm_curves"]) == 6
