@@ -261,3 +261,66 @@ def test_hook_refuses_a_model_that_is_not_the_layerlock_model(tmp_path, data):
     runner = _runner(tmp_path, data, model=model)
     with pytest.raises(ConfigError, match=r"^model\.type: LayerLockHook needs the LayerLock pretraining model"):
         runner.train()
+
+
+# -- in-process runs of the tiny config (no subprocess): LR warmup and collapse guard ------------------
+class _Recorder:
+    """An mmengine hook (priority LOW, so after LayerLockHook) that records, per step, the LR the
+    param schedulers set and the LR the optimizer actually steps with, and snapshots the weights."""
+
+    def __new__(cls, *args, **kwargs):
+        from mmengine.hooks import Hook
+
+        class Recorder(Hook):
+            priority = "LOW"
+
+            def __init__(self):
+                self.scheduled, self.stepped, self.snapshots = [], [], {}
+
+            def before_train(self, runner):
+                runner.optim_wrapper.optimizer.register_step_pre_hook(
+                    lambda opt, a, k: self.stepped.append((runner.iter, opt.param_groups[0]["lr"])))
+
+            def before_train_iter(self, runner, batch_idx, data_batch=None):
+                self.scheduled.append(runner.optim_wrapper.get_lr()["lr"][0])
+                self.snapshots[runner.iter] = {k: v.clone() for k, v in runner.model.state_dict().items()}
+
+        return Recorder()
+
+
+def _run_in_process(tmp_path, data, hook: dict, iters: int = 9):
+    runner = _runner(tmp_path, data, custom_hooks=[hook], train_cfg=dict(max_iters=iters),
+                     default_hooks=dict(checkpoint=dict(interval=100)))
+    recorder = _Recorder()
+    runner.register_hook(recorder)
+    runner.train()
+    return runner, recorder
+
+
+@pytest.mark.timeout(240)
+def test_switch_warmup_multiplies_the_param_schedulers_lr_without_changing_it(tmp_path, data):
+    schedule = dict(pixel_steps=PIXEL_STEPS, interval=INTERVAL, max_frozen=2)
+    _, warm = _run_in_process(tmp_path / "a", data, dict(type="LayerLockHook", schedule=schedule,
+                                                        warmup=dict(steps=WARMUP, start_factor=0.1)))
+    _, plain = _run_in_process(tmp_path / "b", data, dict(type="LayerLockHook", schedule=schedule,
+                                                         warmup=dict(steps=0)))
+    assert warm.scheduled == pytest.approx(plain.scheduled)  # mmengine's schedule is untouched
+    assert [s for _, s in plain.stepped] == pytest.approx(plain.scheduled)
+    assert [it for it, _ in warm.stepped] == list(range(9))
+    factors = [_expected_plan(it)[1] for it in range(9)]
+    assert min(factors) < 1.0  # the run crosses warmups
+    assert [s for _, s in warm.stepped] == pytest.approx([f * lr for f, lr in zip(factors, warm.scheduled)])
+
+
+@pytest.mark.timeout(240)
+def test_collapse_guard_skip_policy_drops_the_update(tmp_path, data):
+    guard = dict(policy="skip", every=1, min_feature_std=0.99, min_effective_rank=0.99, patience=1)
+    runner, rec = _run_in_process(tmp_path, data, dict(type="LayerLockHook", guard=guard,
+                                                      schedule=dict(pixel_steps=PIXEL_STEPS, interval=INTERVAL, max_frozen=2)),
+                                  iters=7)
+    final = {k: v for k, v in runner.model.state_dict().items()}
+    before_latent = rec.snapshots[PIXEL_STEPS]  # weights before the first latent-target step
+    trained = [k for k in final if not torch.equal(rec.snapshots[1][k], rec.snapshots[PIXEL_STEPS][k])]
+    assert trained, "the pixel phase must train"
+    assert all(torch.equal(before_latent[k], final[k]) for k in final), "a tripped step must not update"
+    assert runner.message_hub.get_scalar("train/layerlock/guard_trips").current() == 7 - PIXEL_STEPS
