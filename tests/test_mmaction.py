@@ -324,3 +324,26 @@ def test_collapse_guard_skip_policy_drops_the_update(tmp_path, data):
     assert trained, "the pixel phase must train"
     assert all(torch.equal(before_latent[k], final[k]) for k in final), "a tripped step must not update"
     assert runner.message_hub.get_scalar("train/layerlock/guard_trips").current() == 7 - PIXEL_STEPS
+
+
+def test_full_vit_b_k400_config_builds_and_its_schedule_fits_the_run():
+    import warnings
+
+    from mmengine.config import Config
+
+    from layerlock_plugin.controller import LayerLock
+
+    cfg = Config.fromfile(str(REPO / "examples" / "mmaction2" / "layerlock_vit-base-p16_k400_16x4x1.py"))
+    model = _build(cfg.model, "MODELS")
+    hook = _build(cfg.custom_hooks[0])
+    assert len(model.backbone.blocks) == 12 and model.backbone.embed_dims == 768
+    for transform in cfg.train_pipeline:  # every transform of its pipeline builds
+        _build(transform, "TRANSFORMS")
+    total = cfg.train_cfg.max_iters
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a schedule longer than the run would warn
+        ll = LayerLock(model.encoder, hook.config, tubelet=model.encoder.tubelet, total_steps=total)
+    steps, depths = zip(*ll.schedule.events())
+    assert depths[-1] == 8  # 2/3 of the 12 blocks, as the paper's 32 of 48
+    assert steps[0] / total == pytest.approx(160 / 500, abs=0.01)  # pixel phase: 32% of the run
+    assert steps[-1] / total == pytest.approx(470 / 500, abs=0.01)  # last event at 94% of the run
