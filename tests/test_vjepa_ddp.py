@@ -1,0 +1,96 @@
+"""2-process gloo DDP across freeze events with the official V-JEPA modules: V-JEPA's
+``DistributedDataParallel(encoder, static_graph=True)`` breaks at the first freeze; ``LayerLockDDP`` (the one
+changed line) rebuilds at each freeze event and the ranks stay in sync."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import importlib.util
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from layerlock_plugin.adapters.vjepa import LayerLockAdapter, LayerLockDDP, require_vjepa
+
+require_vjepa()
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vjepa" / "train_layerlock_vjepa.py"
+STEPS = 12  # events at steps 4 and 8 (layerlock_config(12))
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("vjepa_example_ddp", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run(ex, rank: int, wrap) -> tuple[LayerLockAdapter, torch.nn.Module, torch.nn.Module, list[float]]:
+    """Train the tiny V-JEPA for STEPS steps with the encoder wrapped by ``wrap``; every rank sees other data."""
+    torch.manual_seed(0)
+    encoder, predictor = ex.init_video_model()
+    teacher = copy.deepcopy(encoder)
+    optimizer = torch.optim.AdamW(list(encoder.parameters()) + list(predictor.parameters()), lr=1e-3)
+    ddp_encoder = wrap(encoder)
+    ddp_predictor = DistributedDataParallel(predictor, static_graph=True)
+    adapter = LayerLockAdapter(ddp_encoder, teacher, ddp_predictor, optimizer, ex.layerlock_config(STEPS))
+    collator = ex.make_mask_collator()
+    losses = []
+    for step in range(STEPS):
+        torch.manual_seed(1000 * rank + step)
+        (clips,), masks_enc, masks_pred = collator([(c,) for c in torch.rand(4, 3, ex.FRAMES, ex.CROP, ex.CROP)])
+        adapter.begin_step(step)
+        h = adapter.targets(clips, masks_pred)
+        z = ddp_predictor(ddp_encoder(clips, masks_enc), h, masks_enc, masks_pred)
+        loss = sum((zi - hi).abs().mean() for zi, hi in zip(z, h)) / len(z)
+        loss.backward()
+        if not adapter.end_step(loss, h).skip:
+            optimizer.step()
+        optimizer.zero_grad()
+        adapter.update_teacher(0.99)
+        losses.append(float(loss.detach()))
+    return adapter, ddp_encoder, teacher, losses
+
+
+def _same_on_all_ranks(module: torch.nn.Module) -> bool:
+    flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+    gathered = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, flat)
+    return all(torch.equal(gathered[0], g) for g in gathered)
+
+
+def _worker(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    torch.set_num_threads(1)
+    ex = _example()
+    try:
+        # V-JEPA's own line breaks at the first freeze event (step 4): the static graph expected the
+        # now-frozen stem and block 1 to get gradients.
+        with pytest.raises(RuntimeError, match="Expected to have finished reduction"):
+            _run(ex, rank, lambda m: DistributedDataParallel(m, static_graph=True))
+
+        adapter, ddp_encoder, teacher, losses = _run(ex, rank, lambda m: LayerLockDDP(m, static_graph=True))
+        assert ddp_encoder.rebuilds == 2, "one rebuild per freeze event"
+        assert adapter.plan.num_frozen == 2 and all(torch.isfinite(torch.tensor(losses)))
+        assert _same_on_all_ranks(ddp_encoder.module) and _same_on_all_ranks(teacher)
+        assert list(ddp_encoder.state_dict())[0].startswith("module."), "checkpoint keys as with plain DDP"
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(240)
+def test_ddp_static_graph_breaks_at_a_freeze_and_layerlock_ddp_survives_it():
+    mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
