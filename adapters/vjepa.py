@@ -353,14 +353,15 @@ class NamedEMA:
         self._cache: tuple[frozenset[int], dict] | None = None
 
     def _groups(self, skip: frozenset[int]) -> dict:
-        """``{(device, dtype): ([teacher tensors], [student tensors])}`` without the skipped pairs (cached)."""
+        """``{(device, dtype): ([teacher params], [student params])}`` without the skipped pairs, cached per
+        ``skip`` set. Parameters, not their ``.data``: ``module.to(...)`` swaps ``.data`` under a parameter."""
         if self._cache is None or self._cache[0] != skip:
             groups: dict = defaultdict(lambda: ([], []))
             for ps, pt in self.pairs:
                 if id(ps) not in skip:
                     g = groups[(pt.device, pt.dtype)]
-                    g[0].append(pt.data)
-                    g[1].append(ps.data)
+                    g[0].append(pt)
+                    g[1].append(ps)
             self._cache = (skip, dict(groups))
         return self._cache[1]
 
@@ -469,8 +470,6 @@ class LayerLockAdapter:
         self.student = as_layered(encoder)
         self.self_target = target_encoder is None
         self.teacher = as_layered(target_encoder if target_encoder is not None else encoder, teacher_norm)
-        if self.self_target and teacher_norm and self.teacher is self.student:
-            raise ConfigError("teacher_norm", "needs a target_encoder")
         # pairing by name first: it names the first differing parameter, which says more than a depth count
         self.ema = None if self.self_target else NamedEMA(encoder, target_encoder)
         depth = self.student.layerlock_units().num_layers
@@ -562,9 +561,8 @@ class LayerLockAdapter:
         if not isinstance(state, dict) or state.get("format") != "layerlock-vjepa/1":
             got = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise CheckpointError(f"not a LayerLock V-JEPA adapter state (format {got!r}, expected 'layerlock-vjepa/1')")
-        ours = self._identity()
-        diffs = [f"{k}: checkpoint {state['adapter'].get(k)!r} vs adapter {ours[k]!r}" for k in ours
-                 if state["adapter"].get(k) != ours[k]]
+        ours, saved = self._identity(), state.get("adapter") or {}
+        diffs = [f"{k}: checkpoint {saved.get(k)!r} vs adapter {ours[k]!r}" for k in ours if saved.get(k) != ours[k]]
         if diffs:
             raise CheckpointError("LayerLock V-JEPA state was saved with different adapter settings; " + "; ".join(diffs))
         self.layerlock.load_state_dict(state["layerlock"])
