@@ -266,6 +266,11 @@ def test_two_switches_freezing_resume_bitwise(tmp_path):
     assert all(p not in opt_state for p in ll.layerlock.freezer.frozen_parameters())
 
 
+def test_example_runs_vjepas_original_lines_too():
+    out = ex.main(["--steps", "6", "--method", "vjepa", "--quiet"])
+    assert out["layerlock"] is None and len(out["losses"]) == 6 and all(torch.isfinite(torch.tensor(out["losses"])))
+
+
 def test_baseline_vjepa_step_matches_adapter_before_any_freeze():
     """With the official target (full forward, final norm, layer norm) the adapter reproduces V-JEPA's
     forward_target exactly: fixed_target_layer=depth, teacher_norm=True, freeze=False."""
