@@ -347,3 +347,48 @@ def test_full_vit_b_k400_config_builds_and_its_schedule_fits_the_run():
     assert depths[-1] == 8  # 2/3 of the 12 blocks, as the paper's 32 of 48
     assert steps[0] / total == pytest.approx(160 / 500, abs=0.01)  # pixel phase: 32% of the run
     assert steps[-1] / total == pytest.approx(470 / 500, abs=0.01)  # last event at 94% of the run
+
+
+@pytest.mark.timeout(300)
+def test_resume_from_a_checkpoint_without_layerlock_state_rederives_the_plan(run, data, tmp_path):
+    ckpt = _state(run[0] / "iter_6.pth")
+    del ckpt["layerlock"]
+    path = tmp_path / "iter_6_plain.pth"
+    torch.save(ckpt, path)
+    runner = _runner(tmp_path / "work", data, resume=True, load_from=str(path), train_cfg=dict(max_iters=8),
+                     default_hooks=dict(checkpoint=dict(interval=100)))
+    with pytest.warns(UserWarning, match="no 'layerlock' entry; re-deriving the freezing plan from iteration 6"):
+        runner.train()
+    hub = runner.message_hub
+    assert hub.get_scalar("train/layerlock/num_frozen").data[0].tolist()[-2:] == [1.0, 2.0]  # steps 6, 7
+    assert hub.get_scalar("train/layerlock/warmup_factor").current() == pytest.approx(0.1)  # switch at 7
+
+
+def test_drn_placeholder_only_for_the_broken_wheel_and_warns_once(tmp_path, monkeypatch):
+    from layerlock_plugin.adapters.mmaction import compat
+
+    for name in (compat._PACKAGE, compat._MODULE):
+        monkeypatch.delitem(sys.modules, name)
+    # A source install has the folder: nothing is installed, nothing is said.
+    source = tmp_path / "source"
+    (source / compat.DRN_RELATIVE_PATH).parent.mkdir(parents=True)
+    (source / compat.DRN_RELATIVE_PATH).write_text("")
+    monkeypatch.setattr(compat, "mmaction_root", lambda: source)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compat.install_drn_placeholder() is False
+    assert compat._MODULE not in sys.modules
+    # The wheel lacks it: placeholder installed with one warning, never a second one.
+    monkeypatch.setattr(compat, "mmaction_root", lambda: tmp_path / "wheel")
+    monkeypatch.setattr(compat, "_warned", False)
+    with pytest.warns(UserWarning, match="open-mmlab/mmaction2#2714"):
+        assert compat.install_drn_placeholder() is True
+    with pytest.raises(compat.DRNUnavailable, match="Install mmaction2 from source"):
+        sys.modules[compat._MODULE].DRN()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert compat.install_drn_placeholder() is False  # already there
+        del sys.modules[compat._MODULE]
+        assert compat.install_drn_placeholder() is True  # installed again, silently
