@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from ..errors import LayerLockError
+from ..errors import ConfigError, LayerLockError
 from .config import apply_overrides, build_config, dump_config, load_yaml
 
 EPILOG = """examples:
@@ -16,6 +16,9 @@ EPILOG = """examples:
   layerlock-train --method mae --out runs/mae      # the pixel-MAE baseline, same budget
   layerlock-train --set schedule.interval=100 --set target.mode=multi
   layerlock-train --resume runs/demo --set train.steps=3000
+  layerlock-train --config vit_g --dry-run --world-size 256   # size, freeze timeline, FLOPs, memory; no allocation
+  torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli --set train.strategy=ddp  # or fsdp
+packaged configs: tiny (default), vit_b, vit_l, vit_g, vit_4ds_e
 methods: layerlock | mae | freeze-only | latent-naive (the collapse control)"""
 
 
@@ -36,6 +39,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-probe", action="store_true", help="skip the frozen-feature probes at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="build the model on the meta device and print its size, the freeze timeline and per-phase "
+                        "FLOPs / memory estimates, without allocating or training")
+    p.add_argument("--world-size", type=int, default=1,
+                   help="processes to assume for the --dry-run memory estimate (default 1)")
     return p.parse_args(argv)
 
 
@@ -55,33 +63,54 @@ def resolve_config(args: argparse.Namespace):
         overrides.append("probe.enabled=false")
     if args.no_progress:
         overrides.append("train.progress=false")
-    return build_config(apply_overrides(raw, overrides))
+    raw = apply_overrides(raw, overrides)
+    if getattr(args, "dry_run", False) and (raw.get("data") or {}).get("source") == "folder":
+        # The cost does not depend on the data: size the run without needing its video folder.
+        raw["data"] = {"source": "digits", "num_videos": 1}
+    return build_config(raw)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    trainer = None
     try:
         config = resolve_config(args)
         if args.print_config:
             dump_config(config, "/dev/stdout")
             return 0
+        if args.dry_run:
+            from .dryrun import dry_run
+
+            if args.world_size < 1:
+                raise ConfigError("--world-size", f"must be a positive integer, got {args.world_size}")
+            dry_run(config, world_size=args.world_size)
+            return 0
         from .trainer import Trainer
 
         started = time.perf_counter()
         trainer = Trainer(config, resume=args.resume)
-        print(f"layerlock-train: method={config.method} model={sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
-              f"params, {config.train.steps} steps x {config.train.batch_size} clips, run folder {config.out_dir}"
-              + (f", resuming at step {trainer.step}" if args.resume else ""))
+        trainer.echo(f"layerlock-train: method={config.method} model="
+                     f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
+                     f"params, {config.train.steps} steps x {config.train.batch_size} clips, run folder {config.out_dir}"
+                     + (f", {trainer.env.world_size} processes ({config.train.strategy}, {trainer.env.backend})"
+                        if trainer.env.distributed else "")
+                     + (f", resuming at step {trainer.step}" if args.resume else ""))
         summary = trainer.fit()
     except LayerLockError as e:
         print(f"layerlock-train: error: {e}", file=sys.stderr)
         return 2
-    wall = time.perf_counter() - started
-    print(f"done in {wall:.0f} s (training {summary['train_seconds']:.0f} s). Run folder: {config.out_dir}")
-    if "probes" in summary:
-        pr = summary["probes"]
-        print("probes (frozen features): " + json.dumps(
-            {k: round(v, 4) for k, v in pr.items() if k.endswith(("_acc", "_chance", "_rmse", "_r2"))}))
+    finally:
+        if trainer is not None:
+            from .distributed import teardown
+
+            teardown(trainer.env)
+    if trainer.env.is_main:
+        wall = time.perf_counter() - started
+        print(f"done in {wall:.0f} s (training {summary['train_seconds']:.0f} s). Run folder: {config.out_dir}")
+        if "probes" in summary:
+            pr = summary["probes"]
+            print("probes (frozen features): " + json.dumps(
+                {k: round(v, 4) for k, v in pr.items() if k.endswith(("_acc", "_chance", "_rmse", "_r2"))}))
     return 0
 
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -70,6 +70,16 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     progress: bool = True
     device: str = "cpu"  # cpu | cuda | auto (cuda when available)
+    # Cluster scale (see layerlock_plugin/reference/distributed.py and parallelize.py).
+    strategy: str = "none"  # none (one process) | ddp | fsdp (FSDP2, one unit per block); needs torchrun
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the global batch per step
+    activation_checkpointing: bool = False  # recompute trainable blocks in backward (frozen ones store nothing)
+    compile: bool = False  # torch.compile each block (expect one recompile per freeze event)
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up (unknown -> no MFU)
+    dist_timeout_s: int = 600  # collective timeout: a stuck rank fails instead of hanging forever
+
+    STRATEGIES: ClassVar[tuple[str, ...]] = ("none", "ddp", "fsdp")
 
     def __post_init__(self) -> None:
         v.positive_int("train.steps", self.steps)
@@ -80,6 +90,15 @@ class TrainConfig:
         v.non_negative_int("train.threads", self.threads)
         v.boolean("train.progress", self.progress)
         v.one_of("train.device", self.device, ("cpu", "cuda", "auto"))
+        v.one_of("train.strategy", self.strategy, self.STRATEGIES)
+        v.one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
+        v.positive_int("train.grad_accum", self.grad_accum)
+        v.boolean("train.activation_checkpointing", self.activation_checkpointing)
+        v.boolean("train.compile", self.compile)
+        v.non_negative_float("train.peak_tflops", self.peak_tflops)
+        v.positive_int("train.dist_timeout_s", self.dist_timeout_s)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError("train.grad_accum", f"must divide train.batch_size={self.batch_size}, got {self.grad_accum}")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 import einops
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
@@ -222,8 +223,16 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, round(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.grad_checkpointing = False  # see VideoMAE.set_grad_checkpointing
 
     def forward(self, x: torch.Tensor, rope: RopeEmb | None = None) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # Store only the block input; recompute the inside in backward. Blocks that run without
+            # autograd (LayerLock's frozen prefix) store nothing and skip this.
+            return torch.utils.checkpoint.checkpoint(self._forward, x, rope, use_reentrant=False)
+        return self._forward(x, rope)
+
+    def _forward(self, x: torch.Tensor, rope: RopeEmb | None = None) -> torch.Tensor:
         h = self.norm1(x)
         if rope is not None and self.rope_after_norm:
             h, rope = apply_rope(h, rope), None
@@ -256,7 +265,8 @@ class VideoMAE(nn.Module):
         else:
             self.pos_embed = None
         self.rope = None if cfg.rope == "none" else RoPE3D(cfg.rope_dim, self.grid, cfg.rope_split, cfg.rope_theta)
-        dpr = torch.linspace(0, cfg.drop_path, cfg.depth).tolist()  # stochastic depth grows with depth
+        # stochastic depth grows with depth (explicitly on the CPU: the model may be built on the meta device)
+        dpr = torch.linspace(0, cfg.drop_path, cfg.depth, device="cpu").tolist()
         self.blocks = nn.ModuleList(
             Block(d, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.proj_drop, dpr[i], cfg.rope == "after_norm")
             for i in range(cfg.depth)
@@ -276,6 +286,12 @@ class VideoMAE(nn.Module):
         nn.init.normal_(self.query_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
             trunc_normal_(self.pos_embed, std=0.02)
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Activation checkpointing for every block that runs with autograd (the trainable ones):
+        their activations are recomputed in backward instead of stored."""
+        for blk in self.blocks:
+            blk.grad_checkpointing = bool(enabled)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:

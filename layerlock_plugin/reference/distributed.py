@@ -1,0 +1,128 @@
+"""Process group, device and backend: the ONE place where the reference trainer decides where it runs.
+
+Launch (every process runs the same command; torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``)::
+
+    torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli --set train.strategy=ddp
+
+Backend: NCCL when the run uses CUDA (one GPU per process, ``cuda:LOCAL_RANK``), gloo on CPU.
+
+TPU is not supported: the device choice lives here so that a torch_xla path would be added in this
+module only, but this project's machines have no torch_xla build to test one against, and an untested
+path is not shipped (``train.device`` accepts cpu | cuda | auto).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import ConfigError
+
+LAUNCH_HINT = ("launch it with torchrun, e.g. `torchrun --standalone --nproc_per_node=2 -m "
+               "layerlock_plugin.reference.cli --set train.strategy=ddp`")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process runs: ``rank`` of ``world_size`` processes, on ``device``."""
+
+    strategy: str
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: no process group (strategy 'none')
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone logs, prints, writes plots and runs probes."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def _launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def pick_device(want: str, local_rank: int = 0) -> torch.device:
+    """``train.device`` -> a torch device (``cuda:LOCAL_RANK`` for one GPU per process)."""
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", "is 'cuda' but torch sees no CUDA device; use 'cpu' or 'auto'")
+    if want in ("cuda", "auto") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup(strategy: str, device: str, timeout_s: int = 600) -> DistEnv:
+    """Join (or create) the process group for ``strategy`` and pick the device.
+
+    ``none`` is one process and refuses to run under a multi-process launch (it would silently train
+    N independent copies). ``ddp`` / ``fsdp`` need a process group: an existing one, or the torchrun
+    environment to create it from.
+    """
+    if strategy not in ("none", "ddp", "fsdp"):
+        raise ConfigError("train.strategy", f"must be one of 'none', 'ddp', 'fsdp'; got {strategy!r}")
+    if strategy == "none":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:
+            raise ConfigError("train.strategy", f"is 'none' but this is one of WORLD_SIZE={world} processes; "
+                                                "set train.strategy=ddp or fsdp")
+        return DistEnv("none", 0, 1, 0, pick_device(device), None)
+    if not (dist.is_available() and (dist.is_initialized() or _launched_by_torchrun())):
+        raise ConfigError("train.strategy", f"{strategy!r} needs a torch.distributed process group and none "
+                                            f"was found (no torchrun environment); {LAUNCH_HINT}")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=dev if dev.type == "cuda" else None)
+    backend = dist.get_backend()
+    return DistEnv(strategy, dist.get_rank(), dist.get_world_size(), local_rank, dev, str(backend))
+
+
+def check_batch(batch_size: int, grad_accum: int, world_size: int) -> int:
+    """The per-process micro-batch: ``batch_size`` (the global batch of one optimizer step) split over
+    ``world_size`` processes and ``grad_accum`` micro-steps, which must divide it evenly (uneven
+    shards would weight samples differently from a one-process run)."""
+    if batch_size % (world_size * grad_accum):
+        raise ConfigError("train.batch_size", f"{batch_size} (the global batch) must be divisible by world size "
+                                              f"x train.grad_accum = {world_size} x {grad_accum}")
+    return batch_size // (world_size * grad_accum)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Seed of a rank's own torch RNG (dropout, drop-path): different per rank, rank 0 keeps ``seed``."""
+    return seed + 1_000_003 * rank
+
+
+def all_reduce_mean(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Mean over ranks of a small tensor (a copy; the input is untouched)."""
+    out = values.detach().clone()
+    if env.distributed and env.world_size > 1:
+        dist.all_reduce(out)
+        out /= env.world_size
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def teardown(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["DistEnv", "setup", "pick_device", "check_batch", "rank_seed", "all_reduce_mean", "barrier", "teardown"]

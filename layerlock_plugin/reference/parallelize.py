@@ -1,0 +1,137 @@
+"""Wrap the reference model for a strategy, and keep the wrapping consistent with LayerLock's plan.
+
+``none``: the model itself. ``ddp``: ``DistributedDataParallel``, rebuilt whenever the set of trainable
+parameters changes (a freeze event or a new readout head): DDP registers its gradient hooks and buckets
+for the parameters that require grad when it is built, a frozen block's parameters must leave them
+(``static_graph`` cannot survive a freeze, ``find_unused_parameters`` pays a graph walk every step),
+and there are only about ``max_frozen`` such events in a run. ``fsdp``: FSDP2 ``fully_shard`` on the
+patch embedding (the stem unit), on every block (the freezing unit: a frozen block is a whole FSDP
+group whose parameters all stop requiring grad) and on the root; with ``bf16`` precision the policy
+keeps bf16 parameters for compute and reduces gradients in fp32. FSDP2 needs no rebuild: groups
+whose parameters are all frozen are all-gathered for forward and skipped in backward.
+
+Readout heads: the model builds every ``layer_k`` readout up front, so the optimizer holds them from
+step 0; only the heads of the current plan are used in a step. Under ``ddp`` / ``fsdp`` the others
+get ``requires_grad=False`` (they would get no gradient anyway: AdamW skips a parameter whose grad
+is None, so this changes no update), which keeps DDP from waiting for gradients that never come.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import DistEnv
+from .model import VideoMAE
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``train.precision`` -> the autocast dtype (None = fp32). ``auto``: bf16 on GPU, fp32 on CPU."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def apply_fsdp(model: VideoMAE, param_dtype: torch.dtype | None) -> None:
+    """FSDP2 in place: the stem, each block, then the root (readouts, query token, decoder norm)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+    fully_shard(model.patch_embed, mp_policy=mp)
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    # The latent targets come from forward_prefix, not forward: give it the root's unshard hooks.
+    register_fsdp_forward_method(model, "forward_prefix")
+    # FSDP2 warns that the root returns views (the readouts' reshaped outputs); nothing modifies
+    # them in place, so the warning is noise on every step.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def set_active_heads(model: VideoMAE, heads: Sequence[str]) -> None:
+    """Readouts of ``heads`` require grad, the others not (see the module docstring)."""
+    for name, readout in model.readouts.items():
+        for p in readout.parameters():
+            p.requires_grad_(name in heads)
+
+
+class Parallelized:
+    """The model as the train step calls it, for one strategy.
+
+    Build it after the model and before the optimizer (FSDP2 replaces the parameters with sharded
+    ones). Call :meth:`sync` after every ``LayerLock.begin_step`` (cheap unless the plan changed).
+    """
+
+    def __init__(self, model: VideoMAE, env: DistEnv, precision: str = "auto"):
+        self.model, self.env = model, env
+        self.dtype = autocast_dtype(precision, env.device)
+        self._ddp: nn.Module | None = None
+        self._key: tuple | None = None
+        self.rebuilds = 0
+        if env.strategy == "fsdp":
+            apply_fsdp(model, self.dtype)
+
+    @property
+    def module(self) -> nn.Module:
+        """What ``forward`` runs: the DDP wrapper, or the (possibly sharded) model itself."""
+        return self._ddp if self._ddp is not None else self.model
+
+    def sync(self, heads: Sequence[str]) -> bool:
+        """Make the wrapping match the trainable set (frozen blocks and active ``heads``); returns True
+        when it changed. Every rank calls it with the same plan, so DDP rebuilds are collective-safe."""
+        if self.env.strategy == "none":
+            return False
+        set_active_heads(self.model, heads)
+        key = tuple(p.requires_grad for p in self.model.parameters())
+        if key == self._key:
+            return False
+        self._key = key
+        if self.env.strategy == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            # Drop the old reducer (and its gradient hooks) before the new one registers its own;
+            # collect now so that no stale hook can fire an all-reduce in the next backward.
+            self._ddp = None
+            gc.collect()
+            ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+            self._ddp = DDP(self.model, device_ids=ids, forward_sync_buffers=False)  # buffers are constants (RoPE)
+            self.rebuilds += 1
+        return True
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.env.device.type, dtype=self.dtype)
+
+    def no_sync(self, last_micro: bool) -> contextlib.AbstractContextManager:
+        """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step.
+        (FSDP2 reduce-scatters each micro-batch; deferring it would hold unsharded gradients.)"""
+        if self._ddp is not None and not last_micro:
+            return self._ddp.no_sync()
+        return contextlib.nullcontext()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+
+def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
+    """Clip the global gradient norm; tolerates None grads and FSDP2's sharded (DTensor) gradients,
+    whose local norms are combined across ranks before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.nn.utils.get_total_norm(grads)
+    full = getattr(total, "full_tensor", None)
+    if full is not None:  # a DTensor with a pending (partial) reduction across ranks
+        total = full()
+    torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
+    return float(total)
+
+
+__all__ = ["Parallelized", "apply_fsdp", "set_active_heads", "autocast_dtype", "clip_grad_norm"]
