@@ -19,7 +19,10 @@ One step (``mode='loss'``), for a clip ``[B, C, T, H, W]`` with ``N`` tubelet to
    the ``loss_fraction`` of the hook's target config picks the query subset ``Q`` of the masked tokens;
 2. targets from the LayerLock controller that :class:`~.hook.LayerLockHook` attaches: per-patch
    normalised pixels, then the output ``h_k`` of the newest frozen block on the full, unmasked clip
-   (eval mode, no autograd, stopping at block ``k``);
+   (eval mode, no autograd, stopping at block ``k``). Pixel targets are taken from the clip as the
+   data preprocessor hands it over (mean/std-normalised per channel); VideoMAE undoes that first. The
+   per-patch normalisation removes most of the difference (what is left is the per-channel scale
+   inside a patch);
 3. the student: the backbone's own ``patch_embed`` + ``pos_embed`` and blocks on the visible tokens
    (the frozen prefix without autograd), its ``norm``/``fc_norm`` per token;
 4. VideoMAE's decoder (``encoder_to_decoder``, a mask token, fixed sin-cos positions, mmaction2's
