@@ -90,3 +90,14 @@ def test_layer_dynamics_quick(tmp_path):
     assert [g["frozen"] for g in res["convergence"]] == [0, 1, 2, 3]
     assert all(math.isfinite(g["final_loss"]) for g in res["convergence"])
     assert res["units"][:2] == ["stem", "block_1"] and len(res["norm_curves"]) == 6
+
+
+@pytest.mark.timeout(240)
+def test_diagnose_quick(tmp_path):
+    dg = _load("diagnose")
+    assert dg.main(["--quick", "--results-dir", str(tmp_path)]) == 0
+    res = _outputs(tmp_path, "diagnose-quick")
+    assert [r["run"] for r in res["rows"]] == ["layerlock (seed 0)", "random init"]
+    for r in res["rows"]:
+        assert 0 < r["effective_rank"] <= 1 and 0 < r["top3_variance_share"] <= 1
+        assert all(math.isfinite(r[k]) for k in dg.KEYS)
