@@ -407,3 +407,22 @@ def test_drn_placeholder_only_for_the_broken_wheel_and_warns_once(tmp_path, monk
         assert compat.install_drn_placeholder() is False  # already there
         del sys.modules[compat._MODULE]
         assert compat.install_drn_placeholder() is True  # installed again, silently
+
+
+@pytest.mark.timeout(300)
+def test_adaptive_schedule_by_hook_config_and_its_resume(tmp_path, data):
+    pytest.importorskip("layerlock_plugin.adaptive")  # the adaptive schedule (issue of helper B)
+    adaptive = dict(observe_every=1, window=2, min_pixel_steps=2, max_pixel_steps=4, min_interval=1, max_interval=3)
+    hook = dict(type="LayerLockHook", schedule=dict(kind="adaptive", max_frozen=2, adaptive=adaptive))
+    first = _runner(tmp_path / "a", data, custom_hooks=[hook], train_cfg=dict(max_iters=8),
+                    default_hooks=dict(checkpoint=dict(interval=5)))
+    first.train()
+    frozen = first.message_hub.get_scalar("train/layerlock/num_frozen").data[0].tolist()
+    assert frozen[0] == 0 and frozen[-1] == 2 and frozen == sorted(frozen)
+    assert "schedule_state" in _state(tmp_path / "a" / "iter_5.pth")["layerlock"]
+    again = _runner(tmp_path / "b", data, custom_hooks=[hook], train_cfg=dict(max_iters=8), resume=True,
+                    load_from=str(tmp_path / "a" / "iter_5.pth"), default_hooks=dict(checkpoint=dict(interval=100)))
+    again.train()
+    loss = lambda r: r.message_hub.get_scalar("train/loss").data[0].tolist()[-3:]  # noqa: E731
+    assert again.message_hub.get_scalar("train/layerlock/num_frozen").data[0].tolist() == frozen
+    assert loss(again) == pytest.approx(loss(first), rel=1e-4)
