@@ -45,11 +45,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, check_layers
-from layerlock_plugin.errors import ConfigError, EncoderStructureError
+from layerlock_plugin.errors import ConfigError
 from layerlock_plugin.masking import random_masking, subsample_indices, tube_masking
 from layerlock_plugin.targets import PIXELS, gather_tokens, head_name
 
