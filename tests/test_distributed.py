@@ -182,6 +182,22 @@ def test_distributed_resume_after_freeze_matches_uninterrupted(runs, name):
 
 
 @pytest.mark.timeout(480)
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_consolidated_encoder_export(runs, name):
+    """encoder.pt is one file with the full (unsharded) encoder weights the run ended with."""
+    from layerlock_plugin.reference.dcp import load_encoder
+
+    root, report = runs
+    model = load_encoder(root / f"{name}_full" / "encoder.pt")
+    sums = report[name]["checksums"]
+    encoder = [n for n in sums if n.startswith(("patch_embed.", "blocks.0.", "blocks.3."))]
+    assert len(encoder) > 10
+    params = dict(model.named_parameters())
+    for n in encoder:
+        assert float(params[n].detach().double().sum()) == sums[n], n
+
+
+@pytest.mark.timeout(480)
 def test_distributed_bad_input_errors(runs):
     _, report = runs
     err = report["errors"]
