@@ -16,6 +16,10 @@ Typical use in a host train step::
 
 Resume: build model and optimizer, call ``ll.load_state_dict(...)`` (which re-applies the freezing of
 the restored step), *then* load the optimizer state.
+
+Schedules: ``config.schedule.kind`` picks the explicit, adaptive or recorded schedule
+(:func:`~layerlock_plugin.schedule.build_schedule`). The adaptive one observes the encoder inside
+``begin_step`` (no new host call); its decided events are part of :meth:`LayerLock.state_dict`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from .collapse import CollapseGuard, GuardConfig, GuardDecision
 from .encoder import LayeredEncoder, as_layered_encoder
 from .errors import CheckpointError, ConfigError
 from .freezing import Freezer
-from .schedule import FreezeSchedule, Plan, Schedule, ScheduleConfig
+from .schedule import Plan, Schedule, ScheduleConfig, build_schedule
 from .targets import TargetConfig, TargetSelector, target_loss
 from .warmup import LRScaler, WarmupConfig, switch_warmup_factor
 
@@ -83,13 +87,15 @@ class LayerLockEvent:
     heads: tuple[str, ...]
     newly_frozen: tuple[str, ...]
     resumed: bool = False
+    reason: str = ""  # why an adaptive schedule decided this event (converged / max_interval ...); "" otherwise
 
     def describe(self) -> str:
         what = []
         if self.newly_frozen:
             what.append(f"froze {', '.join(self.newly_frozen)} ({self.num_frozen} blocks frozen)")
         what.append(f"target -> {', '.join(self.heads)}")
-        return f"{'resumed at' if self.resumed else 'step'} {self.step}: " + "; ".join(what)
+        tail = f" (adaptive: {self.reason})" if self.reason else ""
+        return f"{'resumed at' if self.resumed else 'step'} {self.step}: " + "; ".join(what) + tail
 
 
 class LayerLock:
@@ -108,7 +114,7 @@ class LayerLock:
         self.config = config or LayerLockConfig()
         self.encoder = as_layered_encoder(encoder)
         units = self.encoder.layerlock_units()
-        self.schedule = schedule or FreezeSchedule(self.config.schedule, units.num_layers)
+        self.schedule = schedule or build_schedule(self.config.schedule, units)
         if total_steps is not None and self.config.freeze:
             self.schedule.warn_if_longer_than(total_steps)
         self.freezer = Freezer(units)
@@ -141,7 +147,13 @@ class LayerLock:
         return plan
 
     def begin_step(self, step: int) -> Plan:
-        """Apply the plan of ``step``: freeze what is due, switch targets, set the warmup factor."""
+        """Apply the plan of ``step``: freeze what is due, switch targets, set the warmup factor.
+
+        An adaptive schedule first observes the encoder (parameters as after the previous optimizer
+        step) and may decide that an event happens at ``step``; every rank decides the same."""
+        observe = getattr(self.schedule, "observe", None)
+        if observe is not None:
+            observe(step)
         self._apply(self.plan_at(step), resumed=False)
         self.next_step = step + 1
         return self.plan
@@ -153,13 +165,19 @@ class LayerLock:
             first = not self._heads
             self._heads = heads
             if not (first and not newly and plan.stage == 0):  # the initial pixel target is no event
-                event = LayerLockEvent(plan.step, plan.num_frozen, plan.target_layer, heads, tuple(newly), resumed)
+                event = LayerLockEvent(plan.step, plan.num_frozen, plan.target_layer, heads, tuple(newly), resumed,
+                                       self._reason(plan))
                 for cb in self._listeners:
                     cb(event)
         self.plan = plan
         factor = self.warmup_factor(plan)
         for s in self._scalers:
             s.factor = factor
+
+    def _reason(self, plan: Plan) -> str:
+        """The adaptive schedule's reason for the event in effect at ``plan`` ("" for other schedules)."""
+        decisions = getattr(self.schedule, "decisions", None)
+        return decisions[plan.stage - 1].reason if decisions and plan.stage else ""
 
     def warmup_factor(self, plan: Plan) -> float:
         return switch_warmup_factor(self.config.warmup, plan, switches_target=self.config.target.kind == "latent")
@@ -198,6 +216,9 @@ class LayerLock:
             "layerlock/guard_trips": float(self.guard.trips),
         }
         out.update({f"layerlock/{k}": v for k, v in self.guard.last_stats.items()})
+        schedule_metrics = getattr(self.schedule, "metrics", None)
+        if schedule_metrics is not None:
+            out.update(schedule_metrics())
         return out
 
     # -- checkpointing -------------------------------------------------------------------------------
@@ -205,17 +226,26 @@ class LayerLock:
         return {"schedule": self.schedule.describe(), "freeze": self.config.freeze, "target": to_dict(self.config.target)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"format": "layerlock/1", "next_step": self.next_step, **self._identity(), "guard": self.guard.state_dict()}
+        state = {"format": "layerlock/1", "next_step": self.next_step, **self._identity(), "guard": self.guard.state_dict()}
+        if hasattr(self.schedule, "state_dict"):  # the adaptive schedule's decided events and signal state
+            state["schedule_state"] = self.schedule.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore and re-apply the freezing of the last completed step. Call before loading the
-        optimizer state. Refuses a state saved with a different schedule or method."""
+        optimizer state. Refuses a state saved with a different schedule or method, and (adaptive
+        schedule) recorded decisions that the config's guards could not have taken."""
         if state.get("format") != "layerlock/1":
             raise CheckpointError(f"not a LayerLock state (format {state.get('format')!r}, expected 'layerlock/1')")
         ours = self._identity()
         diffs = [f"{k}: checkpoint {state.get(k)!r} vs config {ours[k]!r}" for k in ours if state.get(k) != ours[k]]
         if diffs:
             raise CheckpointError("LayerLock state was saved with a different config; " + "; ".join(diffs))
+        if hasattr(self.schedule, "load_state_dict"):
+            if "schedule_state" not in state:
+                raise CheckpointError("LayerLock state has no 'schedule_state' (the adaptive schedule's decided events); "
+                                      "it was not saved by an adaptive-schedule run")
+            self.schedule.load_state_dict(state["schedule_state"], int(state["next_step"]))
         self.guard.load_state_dict(state["guard"])
         self.next_step = int(state["next_step"])
         if self.next_step > 0:

@@ -11,6 +11,12 @@ optimizer step). Steps ``0 .. pixel_steps-1`` are the pixel phase; the first fre
 A schedule is described by its list of event steps. :class:`FreezeSchedule` derives that list from
 the config; :class:`RecordedSchedule` replays any list (for example one an adaptive schedule
 decided). Both give a plan for any step without any state, so resume only needs the step.
+
+``ScheduleConfig.kind`` picks the schedule a host gets from its config: ``explicit`` (the paper's,
+above), ``adaptive`` (:class:`layerlock_plugin.adaptive.AdaptiveSchedule`: the event steps are decided
+during training from per-block convergence signals, configured by ``ScheduleConfig.adaptive``) or
+``recorded`` (replays ``ScheduleConfig.events``, e.g. the events an adaptive run decided).
+:func:`build_schedule` turns a config into a schedule.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import bisect
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from . import _validate as v
@@ -48,10 +54,107 @@ class Plan:
         return asdict(self)
 
 
+#: The schedules a config can ask for (``schedule.kind``).
+SCHEDULE_KINDS = ("explicit", "adaptive", "recorded")
+#: The convergence signals of the adaptive schedule (``schedule.adaptive.signal``).
+ADAPTIVE_SIGNALS = ("update", "norm", "both", "either")
+
+
+def _optional_limit(field: str, value: Any, lower: int, lower_name: str) -> int | None:
+    """None (no limit) or a positive integer >= ``lower``."""
+    if value is None:
+        return None
+    v.positive_int(field, value)
+    if value < lower:
+        raise ConfigError(field, f"must be >= {lower_name} ({lower}) or null (no limit), got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """Config of the adaptive schedule (``schedule.kind: adaptive``); see :mod:`layerlock_plugin.adaptive`.
+
+    Observation: every ``observe_every`` steps the block(s) next in line to freeze are measured:
+    their parameter norm ``|theta|`` and their relative update ``|theta_t - theta_{t-N}| / |theta_t| / N``
+    (per step, ``N = observe_every``). Both are smoothed over the last ``window`` observations.
+
+    Convergence (``signal``):
+      * ``update``: the smoothed relative update fell to ``update_threshold`` x its peak since the block
+        has been watched (scale-free: the peak absorbs learning rate and block size);
+      * ``norm``: the norm's relative growth over the window, ``(|theta_t| - |theta_{t-W}|) / |theta_{t-W}|``,
+        is at most ``norm_tolerance`` (a plateau, or a decrease under weight decay: the paper's heuristic);
+      * ``both`` / ``either``: both signals / at least one of them.
+
+    Guards (steps): no event before ``min_pixel_steps``; a first event at the latest at ``max_pixel_steps``;
+    consecutive events at least ``min_interval`` and at most ``max_interval`` apart (``null`` = no upper
+    limit). ``schedule.jump`` and ``schedule.max_frozen`` keep their meaning.
+    """
+
+    observe_every: int = 10
+    window: int = 5
+    signal: str = "both"
+    update_threshold: float = 0.5
+    norm_tolerance: float = 0.01
+    min_pixel_steps: int = 100
+    max_pixel_steps: int | None = None
+    min_interval: int = 50
+    max_interval: int | None = None
+
+    def __post_init__(self) -> None:
+        p = "schedule.adaptive."
+        v.positive_int(p + "observe_every", self.observe_every)
+        v.positive_int(p + "window", self.window)
+        if self.window < 2:
+            raise ConfigError(p + "window", f"must be >= 2 observations (a trend needs two points), got {self.window}")
+        v.one_of(p + "signal", self.signal, ADAPTIVE_SIGNALS)
+        if isinstance(self.update_threshold, bool) or not isinstance(self.update_threshold, (int, float)) \
+                or not 0.0 < float(self.update_threshold) < 1.0:
+            raise ConfigError(p + "update_threshold",
+                              f"must be a fraction of the peak relative update in (0, 1), got {self.update_threshold!r}")
+        if isinstance(self.norm_tolerance, bool) or not isinstance(self.norm_tolerance, (int, float)) \
+                or not -1.0 < float(self.norm_tolerance) < 1.0:
+            raise ConfigError(p + "norm_tolerance",
+                              f"must be a relative norm change per window in (-1, 1), got {self.norm_tolerance!r}")
+        v.non_negative_int(p + "min_pixel_steps", self.min_pixel_steps)
+        v.positive_int(p + "min_interval", self.min_interval)
+        _optional_limit(p + "max_pixel_steps", self.max_pixel_steps, max(self.min_pixel_steps, 1), "min_pixel_steps")
+        _optional_limit(p + "max_interval", self.max_interval, self.min_interval, "min_interval")
+        need = self.observe_every * self.window
+        if self.min_interval < self.observe_every:
+            raise ConfigError(p + "min_interval",
+                              f"must be >= observe_every ({self.observe_every}): decisions are taken on observation "
+                              f"steps only, got {self.min_interval}")
+        if self.max_interval is not None and self.max_interval < need:
+            raise ConfigError(p + "max_interval",
+                              f"must be >= observe_every * window ({need}), the steps a block's window needs to "
+                              f"fill, or null; got {self.max_interval}")
+
+
+def _recorded_events(value: Any) -> tuple[tuple[int, int], ...]:
+    """``schedule.events`` as ``((step, num_frozen), ...)``; accepts lists from YAML."""
+    name = "schedule.events"
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise ConfigError(name, f"must be a list of [step, num_frozen] pairs, got {value!r}")
+    out = []
+    for i, e in enumerate(value):
+        if (not isinstance(e, Sequence) or isinstance(e, (str, bytes)) or len(e) != 2
+                or any(isinstance(x, bool) or not isinstance(x, int) for x in e)):
+            raise ConfigError(f"{name}[{i}]", f"must be a [step, num_frozen] pair of integers, got {e!r}")
+        if e[0] < 0 or e[1] < 1:
+            raise ConfigError(f"{name}[{i}]", f"needs step >= 0 and num_frozen >= 1, got {list(e)}")
+        out.append((int(e[0]), int(e[1])))
+    if any(b[0] <= a[0] or b[1] <= a[1] for a, b in zip(out, out[1:])):
+        raise ConfigError(name, f"steps and num_frozen must both be strictly increasing, got {[list(e) for e in out]}")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Config of the explicit schedule.
+    """Config of the freezing schedule.
 
+    ``kind``: ``explicit`` (``pixel_steps``, ``interval``), ``adaptive`` (``adaptive``: when to freeze is
+    decided during training) or ``recorded`` (``events``: ``[[step, num_frozen], ...]`` replayed as
+    given, e.g. from an adaptive run's ``events.jsonl``; ``max_frozen`` is then the last event's depth).
     ``max_frozen`` is a block count (int >= 1) or a fraction (float in (0, 1)) of the encoder's
     freezable blocks (blocks a decoder reuses are never freezable). ``freeze_stem``: the patch
     embedding (and learned positions) freeze together with the first block, as in the paper.
@@ -62,6 +165,9 @@ class ScheduleConfig:
     jump: int = 1
     max_frozen: int | float = 0.75
     freeze_stem: bool = True
+    kind: str = "explicit"
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    events: tuple = ()
 
     def __post_init__(self) -> None:
         v.non_negative_int("schedule.pixel_steps", self.pixel_steps)
@@ -75,9 +181,28 @@ class ScheduleConfig:
             raise ConfigError("schedule.max_frozen", f"a block count must be >= 1, got {m}")
         if isinstance(m, float) and not 0.0 < m < 1.0:
             raise ConfigError("schedule.max_frozen", f"a fraction must be in (0, 1), got {m}")
+        v.one_of("schedule.kind", self.kind, SCHEDULE_KINDS)
+        if not isinstance(self.adaptive, AdaptiveConfig):
+            raise ConfigError("schedule.adaptive", f"must be a mapping of AdaptiveConfig fields, got {self.adaptive!r}")
+        events = _recorded_events(self.events)
+        object.__setattr__(self, "events", events)  # normalised: tuples compare equal to the YAML lists' form
+        if self.kind == "recorded" and not events:
+            raise ConfigError("schedule.events", "schedule.kind is 'recorded' but no events are given; list "
+                              "[[step, num_frozen], ...] or read them with layerlock_plugin.adaptive.recorded_schedule_config")
+        if self.kind != "recorded" and events:
+            raise ConfigError("schedule.events", f"is only used with schedule.kind: recorded (kind is {self.kind!r})")
 
     def resolve_max_frozen(self, num_layers: int) -> int:
         """The number of blocks that will be frozen at the end, checked against the encoder."""
+        if self.kind == "recorded":
+            count = self.events[-1][1]
+            if count >= num_layers:
+                raise ConfigError(
+                    "schedule.events",
+                    f"the last event freezes {count} blocks; must be smaller than the number of freezable "
+                    f"encoder blocks ({num_layers})",
+                )
+            return count
         m = self.max_frozen
         count = int(math.floor(m * num_layers + 1e-9)) if isinstance(m, float) else m
         if count < 1:
@@ -186,3 +311,17 @@ class NoFreezing(Schedule):
 
     def __init__(self, num_layers: int):
         super().__init__([], [], num_layers, False)
+
+
+def build_schedule(config: ScheduleConfig, units: Any) -> Schedule:
+    """The schedule ``config.kind`` asks for, for an encoder whose freezable units are ``units``
+    (:class:`~layerlock_plugin.encoder.EncoderUnits`; the adaptive schedule watches their parameters)."""
+    num_layers = units.num_layers
+    if config.kind == "recorded":
+        config.resolve_max_frozen(num_layers)
+        return RecordedSchedule.from_events(config.events, num_layers, config.freeze_stem)
+    if config.kind == "adaptive":
+        from .adaptive import AdaptiveSchedule  # adaptive builds on this module
+
+        return AdaptiveSchedule(config, units)
+    return FreezeSchedule(config, num_layers)

@@ -1,4 +1,5 @@
-"""PNG plots of a LayerLock run: loss with freeze events, the freezing schedule, collapse statistics.
+"""PNG plots of a LayerLock run: loss with freeze events, the freezing schedule, collapse statistics,
+and the adaptive schedule's per-block signals with its decided events next to an explicit schedule.
 
 Figures are drawn with matplotlib's Agg canvas directly (``matplotlib.figure.Figure`` +
 ``FigureCanvasAgg``): nothing needs a display, pyplot's global state and the user's backend are
@@ -17,7 +18,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["plot_loss", "plot_schedule", "plot_collapse_stats", "running_mean", "COLLAPSE_KEYS"]
+__all__ = ["plot_loss", "plot_schedule", "plot_collapse_stats", "plot_adaptive_signals", "running_mean",
+           "COLLAPSE_KEYS", "ADAPTIVE_KEYS"]
 
 COLLAPSE_KEYS = ("layerlock/feature_std", "layerlock/effective_rank", "layerlock/relative_loss")
 
@@ -214,4 +216,122 @@ def plot_collapse_stats(rows: Sequence[Mapping[str, Any]], path: str | Path) -> 
         ax.grid(True, alpha=0.2)
         if i == len(present) - 1:
             ax.set_xlabel("step")
+    return _save(fig, path)
+
+
+#: Metric keys the adaptive schedule logs (``LayerLock.metrics()``), and the Observation field of each.
+ADAPTIVE_KEYS = {
+    "layerlock/adaptive/watched_block": "first_block",
+    "layerlock/adaptive/update": "update",
+    "layerlock/adaptive/update_smoothed": "update_smoothed",
+    "layerlock/adaptive/update_peak": "update_peak",
+    "layerlock/adaptive/norm": "norm",
+    "layerlock/adaptive/norm_change": "norm_change",
+}
+
+
+def _observations(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, float]]:
+    """Rows in the Observation form (``step``, ``first_block``, ``norm`` ...), from either observation
+    dicts (``AdaptiveSchedule.history``) or metrics rows (``layerlock/adaptive/*`` keys); duplicates
+    of one observation logged on several steps are kept once per (block, value) change."""
+    out: list[dict[str, float]] = []
+    for r in rows:
+        if "first_block" in r:
+            obs = {k: _number(r.get(k)) for k in ("step", "first_block", *ADAPTIVE_KEYS.values())}
+        else:
+            obs = {"step": _number(r.get("step"))}
+            obs.update({field: _number(r.get(key)) for key, field in ADAPTIVE_KEYS.items()})
+        if obs["step"] is None or obs.get("first_block") is None:
+            continue
+        if out and all(out[-1].get(k) == obs.get(k) for k in ADAPTIVE_KEYS.values()):
+            continue  # the same observation logged again
+        out.append(obs)
+    out.sort(key=lambda o: o["step"])
+    return out
+
+
+def _depth_steps(events: Sequence[Sequence[int]], total_steps: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Step-function points (x, frozen blocks) of ``[(step, num_frozen), ...]``."""
+    x, y = [0.0], [0.0]
+    for step, depth in events:
+        x.append(float(step))
+        y.append(float(depth))
+    end = float(total_steps) if total_steps is not None else (x[-1] * 1.05 + 1)
+    if end > x[-1]:
+        x.append(end)
+        y.append(y[-1])
+    return np.asarray(x), np.asarray(y)
+
+
+def plot_adaptive_signals(
+    rows: Sequence[Mapping[str, Any]],
+    events: Sequence[Any],
+    path: str | Path,
+    explicit_events: Sequence[Sequence[int]] | None = None,
+    total_steps: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """The adaptive schedule's per-block signals with its decided freeze events.
+
+    Panels: the smoothed relative update ``|dtheta| / |theta|`` per step of each watched block (log y),
+    the block's parameter norm, and the frozen-block count of the decided events next to an explicit
+    schedule (``explicit_events``: ``[(step, num_frozen), ...]``, e.g. ``FreezeSchedule(...).events()``).
+
+    ``rows``: metrics rows with ``layerlock/adaptive/*`` keys (the reference trainer's metrics.jsonl)
+    or observation dicts (``[o.as_dict() for o in schedule.history]``). ``events``: ``(step, num_frozen)``
+    pairs or dicts with ``step`` and ``num_frozen`` (events.jsonl rows; ``resumed`` rows are skipped).
+    """
+    decided: list[tuple[int, int]] = []
+    for e in events:
+        if isinstance(e, Mapping):
+            if e.get("resumed"):
+                continue
+            step, depth = _number(e.get("step")), _number(e.get("num_frozen"))
+        else:
+            step, depth = _number(e[0]), _number(e[1])
+        if step is not None and depth is not None:
+            decided.append((int(step), int(depth)))
+    obs = _observations(rows)
+    fig = _figure(8.0, 7.5)
+    ax_up, ax_norm, ax_depth = (fig.add_subplot(3, 1, i) for i in (1, 2, 3))
+    ax_norm.sharex(ax_up)
+    ax_depth.sharex(ax_up)
+    blocks = sorted({int(o["first_block"]) for o in obs})
+    for i, block in enumerate(blocks):
+        color = f"C{i % 10}"
+        mine = [o for o in obs if int(o["first_block"]) == block]
+        pts = [(o["step"], o["update_smoothed"]) for o in mine if o.get("update_smoothed") is not None and o["update_smoothed"] > 0]
+        if pts:
+            arr = np.asarray(pts)
+            ax_up.plot(arr[:, 0], arr[:, 1], color=color, linewidth=1.5, label=f"block {block}")
+        raw = [(o["step"], o["update"]) for o in mine if o.get("update") is not None and o["update"] > 0]
+        if raw:
+            arr = np.asarray(raw)
+            ax_up.plot(arr[:, 0], arr[:, 1], color=color, linewidth=0.8, alpha=0.3)
+        norms = [(o["step"], o["norm"]) for o in mine if o.get("norm") is not None]
+        if norms:
+            arr = np.asarray(norms)
+            ax_norm.plot(arr[:, 0], arr[:, 1], color=color, linewidth=1.5, label=f"block {block}")
+    if blocks:
+        if ax_up.get_legend_handles_labels()[0]:
+            ax_up.set_yscale("log")
+            ax_up.legend(loc="upper right", fontsize=7, ncol=min(4, len(blocks)))
+    else:
+        _no_data(ax_up, "no adaptive signals logged")
+        _no_data(ax_norm, "no adaptive signals logged")
+    x, y = _depth_steps(decided, total_steps)
+    ax_depth.step(x, y, where="post", color="C3", linewidth=1.8, label="adaptive (decided)")
+    if explicit_events is not None:
+        ex, ey = _depth_steps(explicit_events, total_steps)
+        ax_depth.step(ex, ey, where="post", color="gray", linestyle="--", linewidth=1.4, label="explicit")
+    ax_depth.legend(loc="lower right", fontsize=8)
+    for ax in (ax_up, ax_norm, ax_depth):
+        for step, _ in decided:
+            ax.axvline(step, color="C3", linestyle=":", linewidth=0.9, alpha=0.8)
+        ax.grid(True, alpha=0.2)
+    ax_up.set_ylabel("|dθ|/|θ| per step")
+    ax_norm.set_ylabel("|θ| of block")
+    ax_depth.set_ylabel("frozen blocks")
+    ax_depth.set_xlabel("step")
+    ax_up.set_title(title or "adaptive schedule: signals of the watched block and decided events")
     return _save(fig, path)
