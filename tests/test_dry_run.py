@@ -78,6 +78,13 @@ def test_step_flops_match_torch_flop_counter(tmp_path):
         assert counter.get_total_flops() == pytest.approx(expected * batch, rel=1e-6), f"step {step}"
 
 
+def test_adaptive_schedule_dry_run_costs_each_depth(capsys):
+    assert main(["--dry-run", "--set", "schedule.kind=adaptive"]) == 0
+    out = capsys.readouterr().out
+    assert "decided during training (adaptive schedule, up to 3 blocks)" in out
+    assert out.count("when decided") == 3
+
+
 def test_dry_run_bad_world_size(capsys):
     assert main(["--config", "vit_g", "--dry-run", "--world-size", "0"]) == 2
     assert "--world-size: must be a positive integer" in capsys.readouterr().err

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..masking import num_masked
-from ..schedule import FreezeSchedule
+from ..schedule import Plan, Schedule
 from .model import ModelConfig, VideoMAE
 
 
@@ -117,7 +117,8 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
     params = sum(p.numel() for p in model.parameters())
     enc = m.depth - m.decoder_depth
     ll = LayerLock(model, cfg.layerlock(), tubelet=m.tubelet)
-    schedule: FreezeSchedule = ll.schedule
+    schedule: Schedule = ll.schedule
+    adaptive = getattr(cfg.schedule, "kind", "explicit") == "adaptive"
     events = [(s, d) for s, d in zip(schedule.event_steps, schedule.depths)] if ll.config.freeze else []
     tok = Tokens.of(m, cfg.target.loss_fraction)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.train.device != "cpu")
@@ -133,7 +134,13 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
     echo(f"parameters: {params:,} ({params / 1e9:.3f} B) built on the meta device (nothing allocated)")
     echo(f"global batch {cfg.train.batch_size} = {world_size} processes x {cfg.train.grad_accum} micro-steps x "
          f"{micro} clips; strategy {cfg.train.strategy}; {'bf16' if bf16 else 'fp32'} activations")
-    if events:
+    if adaptive and ll.config.freeze:
+        # when to freeze is decided during training; cost each depth the schedule may reach instead
+        max_frozen = cfg.schedule.resolve_max_frozen(enc)
+        echo(f"freeze timeline: decided during training (adaptive schedule, up to {max_frozen} blocks); "
+             f"one row per frozen depth it may reach")
+        events = [(cfg.train.steps + d, d) for d in range(1, max_frozen + 1)]
+    elif events:
         echo(f"freeze timeline: pixel target for steps 0..{events[0][0] - 1}; first freeze at step {events[0][0]}; "
              f"{events[-1][1]} blocks frozen at step {events[-1][0]} ({len(events)} events)")
     else:
@@ -144,9 +151,11 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
     phases = []
     for i, start in enumerate(starts):
         stop = min(starts[i + 1] if i + 1 < len(starts) else cfg.train.steps, cfg.train.steps)
-        if start >= cfg.train.steps:
+        if start >= cfg.train.steps and not adaptive:
             break
-        plan = ll.plan_at(start)
+        plan = ll.plan_at(start) if not (adaptive and i) else Plan(
+            step=start, num_frozen=events[i - 1][1], target_layer=events[i - 1][1], stage=i, steps_since_switch=0,
+            stem_frozen=cfg.schedule.freeze_stem, is_switch=True)
         layers = ll.selector.layers(plan)
         fl = step_flops(m, plan.num_frozen, layers, cfg.target.loss_fraction, plan.stem_frozen)
         trainable = params - plan.num_frozen * block_params - (stem_params if plan.stem_frozen else 0)
@@ -162,13 +171,17 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
     for ph in phases:
         a, b = ph["steps"]
         mem = ph["memory_per_device"]
-        echo(f"{f'{a}..{b - 1}':>21} {ph['num_frozen']:>6} {','.join(ph['target']):>9} "
+        label = f"{a}..{b - 1}" if b > a else "when decided"
+        echo(f"{label:>21} {ph['num_frozen']:>6} {','.join(ph['target']):>9} "
              f"{_fmt(ph['flops_per_step'], 'F'):>12} {ph['vs_mae_step']:>7.3f} {ph['student_vs_mae']:>8.3f} "
              f"{_fmt(mem['total'], 'B'):>11} ({_fmt(mem['weights'], 'B')}+{_fmt(mem['grads'], 'B')}+"
              f"{_fmt(mem['optimizer'], 'B')}+{_fmt(mem['activations'], 'B')})")
-    total = sum((p["steps"][1] - p["steps"][0]) * p["flops_per_step"] for p in phases)
-    student = sum((p["steps"][1] - p["steps"][0]) * p["flops_per_clip"]["student"] * cfg.train.batch_size for p in phases)
+    span = lambda p: max(0, p["steps"][1] - p["steps"][0])  # noqa: E731
+    total = sum(span(p) * p["flops_per_step"] for p in phases)
+    student = sum(span(p) * p["flops_per_clip"]["student"] * cfg.train.batch_size for p in phases)
     mae_total = mae * cfg.train.batch_size * cfg.train.steps
+    if adaptive:
+        return {"params": params, "events": [], "phases": phases, "world_size": world_size}
     echo(f"whole run ({cfg.train.steps} steps): {_fmt(total, 'FLOPs')}; the student alone is {student / mae_total:.3f} "
          f"of the MAE baseline's FLOPs (freezing saves {1 - student / mae_total:.1%}), targets add "
          f"{(total - student) / mae_total:.1%}")
