@@ -410,7 +410,6 @@ def test_drn_placeholder_only_for_the_broken_wheel_and_warns_once(tmp_path, monk
 
 @pytest.mark.timeout(300)
 def test_adaptive_schedule_by_hook_config_and_its_resume(tmp_path, data):
-    pytest.importorskip("layerlock_plugin.adaptive")  # the adaptive schedule (issue of helper B)
     adaptive = dict(observe_every=1, window=2, min_pixel_steps=2, max_pixel_steps=4, min_interval=1, max_interval=3)
     hook = dict(type="LayerLockHook", schedule=dict(kind="adaptive", max_frozen=2, adaptive=adaptive))
     first = _runner(tmp_path / "a", data, custom_hooks=[hook], train_cfg=dict(max_iters=8),
