@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             out = Path(tmpdir) / "quick"
             Trainer(load_config(None, [f"out_dir={out}", "train.steps=6", "data.num_videos=32", "train.batch_size=4",
                                        "train.progress=false", "probe.enabled=false", "probe.steps=10",
+                                       "schedule.pixel_steps=2", "schedule.interval=1", "warmup.steps=1",
                                        "probe.weight_decay=1.0", "probe.l2=0.01"]), echo=lambda s: None).fit()
             runs, layers, probe_videos = [out], layers or [1], probe_videos or 24
         if not runs:
