@@ -17,6 +17,7 @@ TINY = [
     "data.num_videos=64", "train.batch_size=8", "train.steps=24", "train.log_every=2", "train.ckpt_every=100",
     "train.progress=false", "schedule.pixel_steps=6", "schedule.interval=4", "schedule.max_frozen=3",
     "warmup.steps=6", "optim.warmup_steps=3", "probe.enabled=false", "guard.every=2",
+    "train.threads=1",  # tiny models gain nothing from more threads; on a shared machine they lose a lot
 ]
 
 

@@ -466,6 +466,14 @@ class Trainer:
                       [0 if self.layerlock.heads(p) == ["pixels"] else p.target_layer for p in plans],
                       plots / "schedule.png", total_steps=self.config.train.steps)
         plot_collapse_stats(rows, plots / "collapse.png")
+        if self.config.schedule.kind == "adaptive":
+            from ..schedule import FreezeSchedule
+            from .plots import plot_adaptive_signals
+
+            # the decided events next to what the explicit schedule with the same fields would have done
+            explicit = FreezeSchedule(self.config.schedule, self.layerlock.schedule.num_layers).events()
+            plot_adaptive_signals(rows, events, plots / "adaptive_signals.png", explicit_events=explicit,
+                                  total_steps=self.config.train.steps)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
