@@ -41,6 +41,10 @@ class GuardConfig:
     sample_tokens: int = 256
 
     def __post_init__(self) -> None:
+        if self.policy is False:
+            # YAML 1.1 (PyYAML, mmengine configs read from YAML, `--set guard.policy=off`) reads a bare
+            # `off` as the boolean false; it can only mean the policy "off".
+            object.__setattr__(self, "policy", "off")
         v.one_of("guard.policy", self.policy, ("warn", "raise", "skip", "off"))
         v.positive_int("guard.every", self.every)
         v.fraction("guard.min_feature_std", self.min_feature_std, allow_zero=True)

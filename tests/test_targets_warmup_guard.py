@@ -112,3 +112,15 @@ def test_guard_policies_and_patience():
         assert not CollapseGuard(GuardConfig(policy="off")).check(0, torch.tensor(float("inf")), bad).tripped
     with pytest.raises(ConfigError, match="^guard.policy"):
         GuardConfig(policy="ignore")
+
+
+def test_guard_policy_off_survives_yaml():
+    import yaml
+
+    from layerlock_plugin.reference.config import load_config
+
+    assert yaml.safe_load("off") is False  # why the special case exists
+    assert GuardConfig(policy=False).policy == "off"
+    assert load_config(None, ["guard.policy=off"]).guard.policy == "off"
+    with pytest.raises(ConfigError, match="guard.policy"):
+        GuardConfig(policy=True)
