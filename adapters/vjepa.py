@@ -74,6 +74,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from layerlock_plugin import _validate as v
+from layerlock_plugin.checkpoint import strip_wrapper_prefixes
 from layerlock_plugin.collapse import GuardDecision
 from layerlock_plugin.controller import LayerLock, LayerLockConfig
 from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, LayeredEncoder, check_layers
@@ -95,8 +96,6 @@ __all__ = [
 
 INSTALL_HINT = 'pip install "layerlock-plugin[vjepa]" && pip install --no-deps vjepa==0.1.2'
 TEACHER_FROZEN_RULES = ("follow", "stop")
-# Wrapper prefixes that do not change which parameter a name refers to (DDP, torch.compile).
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def require_vjepa():
@@ -299,14 +298,6 @@ def layer_targets(
 
 
 # ---------------------------------------------------------------------------------- EMA
-def _clean_name(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _WRAPPER_PREFIXES:
-            if name.startswith(p):
-                name, changed = name[len(p):], True
-    return name.replace("._orig_mod.", ".")
 
 
 def _named(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -314,7 +305,7 @@ def _named(module: nn.Module) -> dict[str, nn.Parameter]:
     inner = unwrap(module)
     if isinstance(inner, VJEPAEncoder) or type(inner).__name__ == "TimmViTEncoder":
         inner = inner.model
-    return {_clean_name(n): p for n, p in inner.named_parameters()}
+    return {strip_wrapper_prefixes(n): p for n, p in inner.named_parameters()}
 
 
 class NamedEMA:

@@ -79,3 +79,21 @@ def check_model_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor],
         if shapes:
             parts.append(f"shape mismatches: {few(shapes)}")
         raise CheckpointError(f"{source} is from a different model; " + "; ".join(parts))
+
+
+#: Prefixes that wrappers add to parameter names: DDP / FSDP1 (``module.``), ``torch.compile`` (``_orig_mod.``).
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def strip_wrapper_prefixes(name: str) -> str:
+    """``name`` as the unwrapped model calls it: leading ``module.`` / ``_orig_mod.`` (in any order and
+    number) removed, and ``._orig_mod.`` of a compiled submodule collapsed, e.g.
+    ``module._orig_mod.blocks.0.attn.qkv.weight`` -> ``blocks.0.attn.qkv.weight``."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name.replace("._orig_mod.", ".")
+

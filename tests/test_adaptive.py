@@ -17,13 +17,7 @@ from layerlock_plugin.errors import CheckpointError, ConfigError
 from layerlock_plugin.schedule import AdaptiveConfig, RecordedSchedule, ScheduleConfig, build_schedule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models run many times faster without oversubscribing shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def adaptive_config(max_frozen=3, jump=1, **kw) -> ScheduleConfig:

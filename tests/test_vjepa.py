@@ -37,13 +37,7 @@ _spec.loader.exec_module(ex)
 NUM_TOKENS = (ex.FRAMES // ex.TUBELET) * (ex.CROP // ex.PATCH) ** 2  # 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest and avoids oversubscribing shared CI cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def tiny(seed: int = 0):

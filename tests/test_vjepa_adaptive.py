@@ -23,12 +23,7 @@ ADAPTIVE = {"kind": "adaptive", "max_frozen": 2, "adaptive": {
     "observe_every": 2, "window": 2, "min_pixel_steps": 4, "max_pixel_steps": 8, "min_interval": 4, "max_interval": 8}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _adapter():

@@ -20,22 +20,10 @@ from pathlib import Path
 
 import torch
 
-from layerlock_plugin.checkpoint import load_checkpoint, save_atomic
+from layerlock_plugin.checkpoint import load_checkpoint, save_atomic, strip_wrapper_prefixes
 from layerlock_plugin.errors import CheckpointError
 
 __all__ = ["backbone_state_dict", "convert"]
-
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for p in _WRAPPER_PREFIXES:
-            if key.startswith(p):
-                key, changed = key[len(p):], True
-    return key
 
 
 def backbone_state_dict(checkpoint: dict, prefix: str = "backbone.") -> dict[str, torch.Tensor]:
@@ -46,7 +34,7 @@ def backbone_state_dict(checkpoint: dict, prefix: str = "backbone.") -> dict[str
         raise CheckpointError(f"expected a state dict, got {type(state).__name__}")
     out = {}
     for key, value in state.items():
-        key = _strip(key)
+        key = strip_wrapper_prefixes(key)
         if key.startswith(prefix) and isinstance(value, torch.Tensor):
             out[key] = value
     if not out:
