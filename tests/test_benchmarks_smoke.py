@@ -101,3 +101,18 @@ def test_diagnose_quick(tmp_path):
     for r in res["rows"]:
         assert 0 < r["effective_rank"] <= 1 and 0 < r["top3_variance_share"] <= 1
         assert all(math.isfinite(r[k]) for k in dg.KEYS)
+
+
+@pytest.mark.timeout(120)
+def test_vjepa_reproduction_quick(tmp_path):
+    vj = _load("vjepa_reproduction")
+    assert vj.main(["--quick", "--steps", "6", "--results-dir", str(tmp_path)]) == 0
+    res = _outputs(tmp_path, "vjepa_reproduction-quick")
+    assert list(res["table"]) == vj.METHODS
+    for method, entry in res["table"].items():
+        for key, _ in vj.METRICS + vj.STATS:
+            assert all(math.isfinite(x) for x in entry[key]), (method, key)
+    runs = {r["method"]: r for r in res["runs"]}
+    # the LayerLock run froze on its schedule (2 of 4 blocks), the V-JEPA baseline froze nothing
+    assert runs["layerlock"]["num_frozen"] == 2 and runs["vjepa"]["num_frozen"] == 0
+    assert all(len(r["losses_every_10"]) == 1 and r["steps"] == 6 for r in runs.values())

@@ -64,6 +64,11 @@ def init_video_model(depth: int = 4, embed_dim: int = 48, pred_depth: int = 2, p
     return MultiMaskWrapper(encoder), PredictorMultiMaskWrapper(predictor)
 
 
+def data_config() -> DigitsVideoConfig:
+    """The embedded moving-digits clips at the tiny model's size (also what benchmarks probe on)."""
+    return DigitsVideoConfig(num_videos=256, num_frames=FRAMES, size=CROP)
+
+
 def make_mask_collator() -> MaskCollator:
     return MaskCollator(cfgs_mask=CFGS_MASK, crop_size=(CROP, CROP), num_frames=FRAMES, patch_size=PATCH,
                         tubelet_size=TUBELET)
@@ -106,7 +111,7 @@ def main(argv=None) -> dict:
     encoder, predictor = init_video_model()
     target_encoder = copy.deepcopy(encoder)
     mask_collator = make_mask_collator()
-    data = DigitsVideoDataset(DigitsVideoConfig(num_videos=256, num_frames=FRAMES, size=CROP), "train", cache=True)
+    data = DigitsVideoDataset(data_config(), "train", cache=True)
 
     # -- init optimizer and scheduler (V-JEPA's init_opt: AdamW, no WD on biases / norms)
     param_groups = [
@@ -228,7 +233,8 @@ def main(argv=None) -> dict:
     save_checkpoint(stop)
 
     result = {"losses": losses, "encoder": encoder, "target_encoder": target_encoder, "predictor": predictor,
-              "optimizer": optimizer, "layerlock": layerlock}
+              "optimizer": optimizer, "layerlock": layerlock,
+              "last_target": [t.detach() for t in h] if stop > start_step else None}  # the last step's targets
     if world_size > 1:
         dist.barrier()
     return result

@@ -1,0 +1,194 @@
+"""V-JEPA vs LayerLock-V-JEPA at small scale: same model, data, step budget and seeds; probes on the frozen encoder.
+
+Every run is ``examples/vjepa/train_layerlock_vjepa.py``'s ``main`` (the official V-JEPA modules at tiny
+size: 4-block ViT encoder, 2-block predictor, 32x32 clips of 4 frames of the embedded moving-digits data,
+V-JEPA's multi-block masks, AdamW with V-JEPA's LR / WD schedules, EMA teacher) with ``--method vjepa``
+(V-JEPA's own train step: target = layer-normed output of the EMA teacher's last block) or ``--method
+layerlock`` (the same step through ``layerlock_plugin.adapters.vjepa``: the target is the teacher's block-k
+output, k moving deeper as blocks freeze; 2 of 4 blocks frozen at 1/3 and 2/3 of the run). Only the
+method and the seed differ between runs.
+
+Evaluation (identical for both methods): the project's probes
+(``layerlock_plugin.reference.probes.run_probes``: attentive motion / appearance probes, ridge depth probe)
+on the tokens ``[B, 32, 48]`` of the final *target* (EMA) encoder — the encoder V-JEPA's own evaluations
+load (``checkpoint_key='target_encoder'``) — on the same digits config the runs trained on.
+
+Also reported: the final training loss (mean of the last 10% of steps; note the two methods regress
+different targets, so losses are not comparable across methods), the scale-free feature std of the last
+step's regression targets (``layerlock_plugin.collapse.feature_stats``; near 0 = collapsed target) and the
+same statistic for the probed encoder tokens on test clips.
+
+    python benchmarks/vjepa_reproduction.py --quick            # seconds: 12 steps, 1 seed, tiny probes
+    python benchmarks/vjepa_reproduction.py                    # full: 2 methods x 3 seeds x 600 steps
+    python benchmarks/vjepa_reproduction.py --steps 300 --jobs 2
+
+Writes ``benchmarks/results/vjepa_reproduction[-TAG].json`` (every run, mean and sample std, provenance)
+and ``.md`` (the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, mean_std, provenance, write_json  # noqa: E402
+
+from layerlock_plugin.collapse import feature_stats  # noqa: E402
+from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
+from layerlock_plugin.reference.probes import ProbeConfig, run_probes  # noqa: E402
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vjepa" / "train_layerlock_vjepa.py"
+METHODS = ["vjepa", "layerlock"]
+LABELS = {"vjepa": "V-JEPA", "layerlock": "LayerLock-V-JEPA"}
+# Columns of the table: (key, header)
+METRICS = [("motion_acc", "motion acc"), ("appearance_acc", "appearance acc"), ("dense_r2", "depth R²"),
+           ("dense_rmse", "depth RMSE")]
+STATS = [("final_loss", "final loss"), ("target_feature_std", "target feature std"),
+         ("encoder_feature_std", "enc. feature std")]
+# Quick mode's probes: few videos and steps, one regularisation value (a smoke run, not a measurement).
+QUICK_PROBE = dict(train_videos=32, test_videos=32, steps=10, weight_decay=1.0, l2=0.01)
+
+
+def load_example():
+    """The V-JEPA example as a module (it is a script, not a package); raises the install hint if vjepa is missing."""
+    spec = importlib.util.spec_from_file_location("vjepa_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def probe_encoder(ex, encoder: torch.nn.Module, probe: ProbeConfig) -> dict[str, Any]:
+    """Probe ``encoder`` (a ``MultiMaskWrapper``; without masks it returns all tokens ``[B, N, D]``) frozen."""
+    encoder.eval()
+
+    def encode(video: torch.Tensor) -> torch.Tensor:
+        """``video [B, C, T, H, W]`` -> tokens ``[B, N, D]``."""
+        with torch.no_grad():
+            return encoder(video)
+
+    data = ex.data_config()
+    grid = (ex.FRAMES // ex.TUBELET, ex.CROP // ex.PATCH, ex.CROP // ex.PATCH)
+    tubelet = (ex.TUBELET, ex.PATCH, ex.PATCH)
+    test = DigitsVideoDataset(data, "test")
+    results = run_probes(encode, DigitsVideoDataset(data, "train"), test, grid, tubelet, probe)
+    video = torch.stack([test[i]["video"] for i in range(min(64, len(test)))])
+    results["encoder_feature_std"] = feature_stats(encode(video), sample_tokens=1024)["feature_std"]
+    return results
+
+
+def run_one(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one method / seed with the example's ``main`` and probe its target encoder; returns the row."""
+    torch.set_num_threads(job["threads"])
+    ex = load_example()
+    started = time.perf_counter()
+    out = ex.main(["--steps", str(job["steps"]), "--method", job["method"], "--seed", str(job["seed"]),
+                   "--threads", str(job["threads"]), "--quiet"])
+    train_s = time.perf_counter() - started
+    losses = out["losses"]
+    tail = losses[-max(1, len(losses) // 10):]
+    # the targets the loss regressed on the last step ([B, M_i, D] per mask config), pooled over masks
+    target = torch.cat([t.reshape(-1, t.shape[-1]) for t in out["last_target"]])
+    probes = probe_encoder(ex, out["target_encoder"], ProbeConfig(**job["probe"]))
+    row = {
+        "method": job["method"], "seed": job["seed"], "steps": job["steps"],
+        "probes": {k: v for k, v in probes.items() if k != "encoder_feature_std"},
+        "final_loss": sum(tail) / len(tail), "target_feature_std": feature_stats(target, 1024)["feature_std"],
+        "encoder_feature_std": probes["encoder_feature_std"],
+        "num_frozen": int(out["layerlock"].metrics().get("layerlock/num_frozen", 0)) if out["layerlock"] else 0,
+        "losses_every_10": losses[::10], "train_s": round(train_s, 1),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    print(f"  {LABELS[job['method']]:>17} seed {job['seed']}: {row['wall_s']:.0f} s, loss {row['final_loss']:.4f}, "
+          f"target std {row['target_feature_std']:.3f}, "
+          + ", ".join(f"{k} {row['probes'].get(k, float('nan')):.3f}" for k, _ in METRICS), flush=True)
+    return row
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    table: dict[str, dict[str, Any]] = {}
+    for m in METHODS:
+        mine = [r for r in rows if r["method"] == m]
+        if not mine:
+            continue
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in mine]}
+        for key, _ in METRICS:
+            entry[key] = mean_std([r["probes"][key] for r in mine if key in r["probes"]])
+        for key, _ in STATS:
+            entry[key] = mean_std([r[key] for r in mine])
+        entry["motion_chance"] = mine[0]["probes"].get("motion_chance")
+        entry["appearance_chance"] = mine[0]["probes"].get("appearance_chance")
+        table[m] = entry
+    return table
+
+
+def markdown(table: dict[str, dict[str, Any]], steps: int, meta: dict[str, Any]) -> str:
+    def cell(ms: tuple[float, float]) -> str:
+        return f"{ms[0]:.3f} ± {ms[1]:.3f}"
+
+    heads = [h for _, h in METRICS] + [h for _, h in STATS]
+    lines = [f"| method ({steps} steps, seeds) | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for m, e in table.items():
+        cells = [cell(e[k]) for k, _ in METRICS] + [cell(e[k]) for k, _ in STATS]
+        lines.append(f"| {LABELS[m]} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells) + " |")
+    any_e = next(iter(table.values()), {})
+    lines.append("")
+    lines.append(f"Chance: motion {any_e.get('motion_chance')}, appearance {any_e.get('appearance_chance')}. "
+                 f"mean ± std over seeds (sample std). Probes read the final target (EMA) encoder. Final losses "
+                 f"regress different targets and are not comparable across methods. "
+                 f"{meta['machine']}, torch {meta['torch']}, {meta['date_utc']}.")
+    lines.append(f"Command: `{meta['command']}`")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="12 steps, 1 seed, tiny probes: a smoke run")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default 0 1 2 (quick: 0)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 600; quick 12)")
+    p.add_argument("--probe-videos", type=int, default=256, help="probe train and test videos (full mode)")
+    p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each with --threads threads)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument("--tag", default="", help="suffix for the result files")
+    p.add_argument("--results-dir", default=str(RESULTS))
+    args = p.parse_args(argv)
+
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    steps = args.steps or (12 if args.quick else 600)
+    if steps < 3:
+        p.error(f"--steps must be >= 3 (LayerLock's schedule freezes at 1/3 and 2/3 of the run), got {steps}")
+    probe = QUICK_PROBE if args.quick else dict(train_videos=args.probe_videos, test_videos=args.probe_videos)
+    tag = args.tag or ("quick" if args.quick else "")
+    suffix = f"-{tag}" if tag else ""
+    jobs = [{"method": m, "seed": s, "steps": steps, "probe": probe, "threads": args.threads}
+            for s in seeds for m in args.methods]
+    meta = provenance()
+    print(f"vjepa_reproduction: {len(jobs)} runs ({', '.join(args.methods)} x seeds {seeds}), {steps} steps each, "
+          f"{args.jobs} at a time", flush=True)
+    if args.jobs > 1:
+        with mp.get_context("spawn").Pool(args.jobs) as pool:
+            rows = pool.map(run_one, jobs, chunksize=1)
+    else:
+        rows = [run_one(j) for j in jobs]
+    table = aggregate(rows)
+    results = Path(args.results_dir)
+    write_json(results / f"vjepa_reproduction{suffix}.json",
+               {"study": "vjepa_reproduction", "provenance": meta, "steps": steps, "methods": args.methods,
+                "seeds": seeds, "probe": probe, "probed_encoder": "target (EMA)", "table": table, "runs": rows})
+    md = markdown(table, steps, meta)
+    (results / f"vjepa_reproduction{suffix}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
