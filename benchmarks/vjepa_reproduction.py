@@ -5,7 +5,8 @@ size: 4-block ViT encoder, 2-block predictor, 32x32 clips of 4 frames of the emb
 V-JEPA's multi-block masks, AdamW with V-JEPA's LR / WD schedules, EMA teacher) with ``--method vjepa``
 (V-JEPA's own train step: target = layer-normed output of the EMA teacher's last block) or ``--method
 layerlock`` (the same step through ``layerlock_plugin.adapters.vjepa``: the target is the teacher's block-k
-output, k moving deeper as blocks freeze; 2 of 4 blocks frozen at 1/3 and 2/3 of the run). Only the
+output, k = 1 before the first freeze, then the newest frozen block; the example's schedule freezes 2 of
+the 4 blocks, at 1/3 and 2/3 of the run, so the target is block 1, 1, then 2). Only the
 method and the seed differ between runs.
 
 Evaluation (identical for both methods): the project's probes
