@@ -147,3 +147,13 @@ def test_custom_loop_example_runs():
     assert out.returncode == 0, out.stderr
     assert "step 12: froze stem, block_1 (1 blocks frozen); target -> layer_1" in out.stdout
     assert "LayerLock resumes at step 36" in out.stdout
+
+
+def test_set_data_source_folder_starts_a_fresh_data_section(tmp_path):
+    (tmp_path / "videos").mkdir()
+    cfg = load_config(None, ["data.source=folder", f"data.root={tmp_path / 'videos'}", "data.frame_stride=1"])
+    assert cfg.data_source == "folder" and cfg.data.root == str(tmp_path / "videos") and cfg.data.frame_stride == 1
+    # the digits fields of the packaged config are gone, and a digits field given after the switch is refused
+    with pytest.raises(ConfigError, match="data.num_videos"):
+        load_config(None, ["data.source=folder", f"data.root={tmp_path / 'videos'}", "data.num_videos=4"])
+    assert load_config(None, ["data.source=digits", "data.num_videos=64"]).data.num_videos == 64

@@ -221,6 +221,11 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         key, text = item.split("=", 1)
         value = yaml.safe_load(text)
         parts = key.strip().split(".")
+        data = raw.get("data")
+        if parts == ["data", "source"] and isinstance(data, dict) and value != data.get("source", "digits"):
+            # another data source: the base config's data fields belong to the old source (e.g. the
+            # digits' num_videos), so the section starts empty; later --set data.* fill it in
+            raw["data"] = {}
         node = raw
         for p in parts[:-1]:
             child = node.get(p)
