@@ -73,14 +73,26 @@ SIZES: dict[str, tuple[list[str], int]] = {
     # that a step runs in seconds on a shared 2-core CPU)
     "vitb-4x160": (["model.preset=base", "model.num_frames=4", "model.img_size=160", "model.mask_ratio=0.95"], 1),
 }
+#: variant -> (trainer method, target overrides). The default study is the first two; the others price
+#: the latent target's two cost knobs: queries on 5% of the masked positions (``target.loss_fraction``)
+#: and the target pass on the queried + visible tokens only (``target.context=sparse``).
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "freeze-only": ("freeze-only", []),
+    "layerlock": ("layerlock", []),
+    "layerlock-q5": ("layerlock", ["target.loss_fraction=0.05"]),
+    "layerlock-q5-sparse": ("layerlock", ["target.loss_fraction=0.05", "target.context=sparse"]),
+}
 METHODS = ("freeze-only", "layerlock")
+COLOURS = {"freeze-only": "tab:orange", "layerlock": "tab:blue", "layerlock-q5": "tab:purple",
+           "layerlock-q5-sparse": "tab:green"}
 
 
 # ------------------------------------------------------------------------------------- analytic ideal
 @dataclass(frozen=True)
 class Shape:
     """What the FLOP model needs: ``B`` clips, ``N`` tokens, ``V`` visible, ``Q`` queries, width ``D``,
-    MLP hidden ``H``, ``L_e`` encoder / ``L_d`` decoder blocks, ``P`` values per patch."""
+    MLP hidden ``H``, ``L_e`` encoder / ``L_d`` decoder blocks, ``P`` values per patch, ``C`` tokens the
+    latent target pass runs on (``N``; ``Q + V`` with ``target.context=sparse``)."""
 
     B: int
     N: int
@@ -91,16 +103,18 @@ class Shape:
     L_e: int
     L_d: int
     P: int
+    C: int
 
     @classmethod
-    def of(cls, cfg: ModelConfig, batch: int, loss_fraction: float = 1.0) -> Shape:
+    def of(cls, cfg: ModelConfig, batch: int, loss_fraction: float = 1.0, context: str = "full") -> Shape:
         t, h, w = cfg.grid
         n = t * h * w
         m = num_masked(n, cfg.mask_ratio)
         q = m if loss_fraction >= 1.0 else max(1, math.floor(loss_fraction * m + 0.5))
         pt, ph, pw = cfg.tubelet
         return cls(batch, n, n - m, q, cfg.embed_dim, round(cfg.embed_dim * cfg.mlp_ratio),
-                   cfg.depth - cfg.decoder_depth, cfg.decoder_depth, pt * ph * pw * cfg.in_chans)
+                   cfg.depth - cfg.decoder_depth, cfg.decoder_depth, pt * ph * pw * cfg.in_chans,
+                   n if context == "full" else q + n - m)
 
 
 def block_forward_flops(s: Shape, n: int) -> int:
@@ -130,7 +144,7 @@ def ideal_step_flops(s: Shape, k: int, target_layers: list[int]) -> dict[str, in
         "trainable_encoder": 3 * (s.L_e - k) * enc,
         "decoder": 3 * s.L_d * dec,
         "readout": 3 * readout,
-        "target_pass": (stem + max(target_layers) * block_forward_flops(s, s.N)) if target_layers else 0,
+        "target_pass": (stem + max(target_layers) * block_forward_flops(s, s.C)) if target_layers else 0,
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -138,6 +152,9 @@ def ideal_step_flops(s: Shape, k: int, target_layers: list[int]) -> dict[str, in
 
 # ------------------------------------------------------------------------------------- measurement
 def build_trainer(size: str, method: str, out: Path, extra: list[str] = ()) -> Trainer:
+    """``method``: a trainer method or a :data:`VARIANTS` name."""
+    method, variant_sets = VARIANTS.get(method, (method, []))
+    extra = [*variant_sets, *extra]
     """A reference trainer whose plan at step ``s`` has ``s`` blocks frozen (up to the maximum)."""
     model_sets, batch = SIZES[size]
     probe = load_config(None, model_sets)
@@ -309,7 +326,7 @@ def plugin_overhead(size: str, reps: int, tmp: Path) -> dict[str, Any]:
             "plain_flops": fb.get_total_flops(), "plugin_flops": fa.get_total_flops(), "reps": reps}
 
 
-def measure_size(size: str, reps: int, tmp: Path, log) -> dict[str, Any]:
+def measure_size(size: str, reps: int, tmp: Path, log, methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
     baseline = build_trainer(size, "mae", tmp / f"{size}-mae")
     video = sample_video(baseline)
     cfg = baseline.config.model
@@ -322,13 +339,15 @@ def measure_size(size: str, reps: int, tmp: Path, log) -> dict[str, Any]:
         baseline.train_step(video)
 
     rows = []
-    for method in METHODS:
+    for method in methods:
         tr = build_trainer(size, method, tmp / f"{size}-{method}")
+        t = tr.config.target
+        method_shape = Shape.of(cfg, baseline.config.train.batch_size, t.loss_fraction, t.context)
         for k in range(max_k + 1):
             m = measure_step(tr, k, video)  # step k of this schedule has k blocks frozen
             assert m["k"] == k, (m["k"], k)
             layers = [] if m["heads"] == ["pixels"] else [int(h.split("_")[1]) for h in m["heads"]]
-            ideal = ideal_step_flops(shape, k, layers)
+            ideal = ideal_step_flops(method_shape, k, layers)
             frozen_units = ["stem"] * (k > 0) + [f"block_{i}" for i in range(1, k + 1)]
             saved_ideal = base["saved_bytes"] - sum(base["saved_by_unit"].get(u, 0) for u in frozen_units)
 
@@ -346,7 +365,7 @@ def measure_size(size: str, reps: int, tmp: Path, log) -> dict[str, Any]:
                    "memory_model_bytes": m["param_bytes"] + m["grad_bytes"] + m["optim_state_bytes"] + m["saved_bytes"],
                    "time_s": tk, "time_k0_s": t0, "time_ratio": tk / t0 if reps else math.nan}
             rows.append(row)
-            log(f"  {size:>10} {method:>11} k={k}: flops {m['flops'] / 1e9:8.3f} G (ideal gap {row['flops_gap']:+.2%}, "
+            log(f"  {size:>10} {method:>19} k={k}: flops {m['flops'] / 1e9:8.3f} G (ideal gap {row['flops_gap']:+.2%}, "
                 f"x{row['flops_vs_mae']:.3f} MAE), saved {m['saved_bytes'] / 2**20:7.1f} MiB "
                 f"(ideal {saved_ideal / 2**20:7.1f}), grads {m['grad_bytes'] / 2**20:6.1f} MiB, "
                 f"state {m['optim_state_bytes'] / 2**20:6.1f} MiB, time x{row['time_ratio']:.3f}")
@@ -391,12 +410,19 @@ def paper_4ds_g(total_steps: int) -> dict[str, float]:
     mae = ideal_step_flops(s, 0, [])["total"]
     fo = sum(n * ideal_step_flops(s, k, [])["total"] for n, k in sched)
     ll = sum(n * ideal_step_flops(s, k, [k] if k else [])["total"] for n, k in sched)
-    # the paper's "5% patches": queries and loss on 5% of the masked positions (the target pass is unchanged)
+    # the paper's "5% patches": queries and loss on 5% of the masked positions (the target pass is unchanged),
+    # and with the target pass on those queries + the visible tokens only (target.context=sparse)
     s5 = Shape.of(cfg, 1, loss_fraction=0.05)
     ll5 = sum(n * ideal_step_flops(s5, k, [k] if k else [])["total"] for n, k in sched)
+    s5c = Shape.of(cfg, 1, loss_fraction=0.05, context="sparse")
+    ll5c = sum(n * ideal_step_flops(s5c, k, [k] if k else [])["total"] for n, k in sched)
     return {"steps": total_steps, "freeze_only_flops_saving": 1 - fo / (total_steps * mae),
             "layerlock_flops_saving": 1 - ll / (total_steps * mae),
             "layerlock_5pct_queries_flops_saving": 1 - ll5 / (total_steps * mae),
+            "layerlock_5pct_sparse_flops_saving": 1 - ll5c / (total_steps * mae),
+            # the same against an MAE whose decoder also has queries on 5% of the masked positions only
+            "layerlock_5pct_sparse_vs_mae_5pct_saving": 1 - ll5c / (total_steps * ideal_step_flops(s5, 0, [])["total"]),
+            "step_ratio_k32_layerlock_5pct_sparse": ideal_step_flops(s5c, 32, [32])["total"] / mae,
             "step_ratio_k32_freeze_only": ideal_step_flops(s, 32, [])["total"] / mae,
             "step_ratio_k32_layerlock": ideal_step_flops(s, 32, [32])["total"] / mae}
 
@@ -406,7 +432,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> Path:
     fig = figure(13, 4 * len(results))
     axes = fig.subplots(len(results), 3, squeeze=False)
     for row_axes, res in zip(axes, results):
-        for method, colour in zip(METHODS, ("tab:orange", "tab:blue")):
+        for method in dict.fromkeys(r["method"] for r in res["rows"]):
+            colour = COLOURS.get(method, "gray")
             rows = [r for r in res["rows"] if r["method"] == method]
             ks = [r["k"] for r in rows]
             row_axes[0].plot(ks, [r["flops_vs_mae"] for r in rows], "o-", color=colour, label=f"{method} measured")
@@ -433,7 +460,7 @@ def markdown(payload: dict[str, Any]) -> str:
     for res in payload["sizes"]:
         s = res["shape"]
         out.append(f"**{res['size']}** (D={s['D']}, {s['L_e']} encoder + {s['L_d']} decoder blocks, N={s['N']} tokens, "
-                   f"V={s['V']} visible, Q={s['Q']} queries, batch {s['B']}; MAE step {res['mae']['flops'] / 1e9:.3f} GFLOP, "
+                   f"V={s['V']} visible, Q={s['Q']} queries with a loss at target.loss_fraction=1, batch {s['B']}; MAE step {res['mae']['flops'] / 1e9:.3f} GFLOP, "
                    f"ideal {res['mae']['ideal_flops'] / 1e9:.3f})")
         out.append("")
         out.append("| method | k | GFLOP | ideal | gap | vs MAE | saved for bwd MiB (bound) | frozen units: saved / grad / state B "
@@ -467,12 +494,15 @@ def markdown(payload: dict[str, Any]) -> str:
                "19% FLOPs at 1B samples):")
     out.append("")
     out.append("| steps | freeze-only FLOPs saving | layerlock FLOPs saving | layerlock, 5% queries | "
-               "step at k=32 / MAE, freeze-only | layerlock |")
-    out.append("|---|---|---|---|---|---|")
+               "5% queries + sparse context | same, vs MAE with 5% queries | step at k=32 / MAE, freeze-only | "
+               "layerlock | 5% + sparse |")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     for g in payload["paper_4ds_g"]:
         out.append(f"| {g['steps']:,} | {g['freeze_only_flops_saving']:.1%} | {g['layerlock_flops_saving']:.1%} | "
-                   f"{g['layerlock_5pct_queries_flops_saving']:.1%} | "
-                   f"{g['step_ratio_k32_freeze_only']:.3f} | {g['step_ratio_k32_layerlock']:.3f} |")
+                   f"{g['layerlock_5pct_queries_flops_saving']:.1%} | {g['layerlock_5pct_sparse_flops_saving']:.1%} | "
+                   f"{g['layerlock_5pct_sparse_vs_mae_5pct_saving']:.1%} | "
+                   f"{g['step_ratio_k32_freeze_only']:.3f} | {g['step_ratio_k32_layerlock']:.3f} | "
+                   f"{g['step_ratio_k32_layerlock_5pct_sparse']:.3f} |")
     return "\n".join(out) + "\n"
 
 
@@ -483,6 +513,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=None, help="timing pairs per k (default 15 tiny / 3 larger; quick 2; 0: no timing)")
     p.add_argument("--overhead-reps", type=int, default=None, help="timing pairs for the overhead (default 60 tiny / 10 larger; quick 3)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--methods", nargs="+", choices=sorted(VARIANTS), default=list(METHODS),
+                   help="variants to measure against MAE (default: freeze-only layerlock)")
     p.add_argument("--tag", default="")
     p.add_argument("--results-dir", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -499,14 +531,14 @@ def main(argv: list[str] | None = None) -> int:
             reps = args.reps if args.reps is not None else (2 if args.quick else (15 if size == "tiny" else 3))
             print(f"efficiency: {size}, {reps} timing pairs per k", flush=True)
             torch.manual_seed(0)
-            res = measure_size(size, reps, tmp, lambda s: print(s, flush=True))
+            res = measure_size(size, reps, tmp, lambda s: print(s, flush=True), tuple(args.methods))
             results.append(res)
             o_reps = (args.overhead_reps if args.overhead_reps is not None
                       else (3 if args.quick else (60 if size == "tiny" else 10)))
             overhead[size] = plugin_overhead(size, o_reps, tmp)
             print(f"  overhead {size}: {overhead[size]['overhead']:+.2%} ({o_reps} pairs)", flush=True)
             whole[size] = {}
-            for method in METHODS:
+            for method in args.methods:
                 per_k = {r["k"]: r for r in res["rows"] if r["method"] == method}
                 sched = paper_shape_schedule(500_000, res["max_k"] + 1)
                 whole[size][method] = whole_run(per_k, sched, res["mae"])

@@ -34,7 +34,7 @@ import torch
 from . import _validate as v
 from ._config import from_dict, to_dict
 from .collapse import CollapseGuard, GuardConfig, GuardDecision
-from .encoder import LayeredEncoder, as_layered_encoder
+from .encoder import LayeredEncoder, accepts_token_idx, as_layered_encoder
 from .errors import CheckpointError, ConfigError
 from .freezing import Freezer
 from .schedule import Plan, Schedule, ScheduleConfig, build_schedule
@@ -118,6 +118,13 @@ class LayerLock:
         if total_steps is not None and self.config.freeze:
             self.schedule.warn_if_longer_than(total_steps)
         self.freezer = Freezer(units)
+        target = self.config.target
+        if target.kind == "latent" and target.context == "sparse" and not accepts_token_idx(self.encoder):
+            raise ConfigError(
+                "target.context",
+                f"'sparse' needs an encoder whose forward_prefix accepts token_idx (the reference VideoMAE does); "
+                f"{type(self.encoder).__name__}.forward_prefix does not. Use 'full'.",
+            )
         self.selector = TargetSelector(self.config.target, tubelet)
         self.guard = CollapseGuard(self.config.guard)
         self._scalers: list[LRScaler] = []
@@ -191,8 +198,11 @@ class LayerLock:
     def heads(self, plan: Plan | None = None) -> list[str]:
         return self.selector.heads(plan or self.plan)
 
-    def targets(self, inputs: torch.Tensor, plan: Plan | None, query_idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.selector.compute(self.encoder, inputs, plan or self.plan, query_idx)
+    def targets(self, inputs: torch.Tensor, plan: Plan | None, query_idx: torch.Tensor,
+                visible_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Targets per head at ``query_idx [B, Q]``; ``visible_idx [B, V]`` (the student's visible tokens)
+        joins the target pass's context when ``target.context`` is ``"sparse"`` and is ignored otherwise."""
+        return self.selector.compute(self.encoder, inputs, plan or self.plan, query_idx, visible_idx)
 
     @staticmethod
     def loss(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -15,10 +15,15 @@ wrapper in ``layerlock_plugin.adapters.timm_vit``):
     for every ``k`` in ``layers`` (1-based block indices, ``1 <= k <= len(blocks)``), the patch-token
     output of block ``k`` as a ``[B, N, D]`` tensor on the full input (prefix tokens such as CLS are
     dropped). Must stop after block ``max(layers)``.
+
+Optional: ``forward_prefix(inputs, layers, token_idx=idx)`` with ``idx [B, K]`` token positions runs the
+blocks on those tokens only (each keeps its position) and returns ``{k: [B, K, D]}`` in ``idx`` order.
+Encoders that accept it can use the cheaper ``target.context: sparse``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -90,6 +95,14 @@ def as_layered_encoder(model: object) -> LayeredEncoder:
         f"(methods layerlock_units() and forward_prefix()); LayerLock cannot find its patch embedding "
         f"and ordered blocks.{hint}"
     )
+
+
+def accepts_token_idx(encoder: LayeredEncoder) -> bool:
+    """Whether ``encoder.forward_prefix`` takes the optional ``token_idx`` keyword (sparse target context)."""
+    try:
+        return "token_idx" in inspect.signature(encoder.forward_prefix).parameters
+    except (TypeError, ValueError):  # builtins / C extensions without a signature
+        return False
 
 
 def check_layers(layers: Iterable[int], num_layers: int) -> list[int]:

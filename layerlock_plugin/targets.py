@@ -4,6 +4,12 @@ Latent targets are computed by the encoder's truncated forward (``forward_prefix
 unmasked input, without autograd and with dropout off, stopping at the deepest requested block.
 Only the query positions are kept: ``[B, N, D] -> [B, Q, D]``.
 
+With ``context="sparse"`` the truncated forward sees only the query tokens plus the student's visible
+ones (``Q + V`` of the ``N`` tokens, each at its own position), so the target pass costs ``(Q + V) / N``
+of the full one. That is the context size the frozen blocks were trained in (an MAE encoder only ever
+sees the visible tokens); paired with a small ``loss_fraction`` it removes most of the latent
+target's cost (the paper's "5% patches" setting).
+
 Head names: ``"pixels"`` for the pixel target and ``"layer_k"`` for block ``k``'s output; a host
 model keeps one readout per head name.
 """
@@ -41,6 +47,9 @@ class TargetConfig:
     ``layer_norm``: affine-free layer norm of latent targets. ``normalize_pixels``: per-patch mean/var
     normalisation of pixel targets (VideoMAE). ``loss_fraction``: fraction of the masked patches that
     get a query and a loss (the decoder shrinks with it; the paper's "5% patches" ablation is 0.05).
+    ``context``: what the latent target pass sees: ``"full"`` (every token, the default) or
+    ``"sparse"`` (only the queried and the visible tokens; needs an encoder whose ``forward_prefix``
+    accepts ``token_idx``, see :mod:`layerlock_plugin.encoder`).
     """
 
     kind: str = "latent"
@@ -48,6 +57,7 @@ class TargetConfig:
     layer_norm: bool = True
     normalize_pixels: bool = True
     loss_fraction: float = 1.0
+    context: str = "full"
 
     def __post_init__(self) -> None:
         v.one_of("target.kind", self.kind, ("latent", "pixels"))
@@ -55,6 +65,7 @@ class TargetConfig:
         v.boolean("target.layer_norm", self.layer_norm)
         v.boolean("target.normalize_pixels", self.normalize_pixels)
         v.fraction("target.loss_fraction", self.loss_fraction)
+        v.one_of("target.context", self.context, ("full", "sparse"))
 
 
 def patchify(video: torch.Tensor, tubelet: Sequence[int]) -> torch.Tensor:
@@ -119,10 +130,13 @@ class TargetSelector:
         return [head_name(k) for k in layers] if layers else [PIXELS]
 
     @torch.no_grad()
-    def compute(self, encoder: LayeredEncoder, video: torch.Tensor, plan: Plan, query_idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    def compute(self, encoder: LayeredEncoder, video: torch.Tensor, plan: Plan, query_idx: torch.Tensor,
+                visible_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Targets per head, each ``[B, Q, P]`` at ``query_idx [B, Q]``.
 
-        Latent targets run the stem and blocks ``1..max(layers)`` once, in eval mode, without autograd.
+        Latent targets run the stem and blocks ``1..max(layers)`` once, in eval mode, without autograd:
+        on all ``N`` tokens (``context="full"``), or on the ``Q`` query tokens followed by the
+        ``visible_idx [B, V]`` ones (``context="sparse"``; without ``visible_idx``, on the queries alone).
         """
         layers = self.layers(plan)
         if not layers:
@@ -133,11 +147,17 @@ class TargetSelector:
         units = encoder.layerlock_units()
         deepest = max(layers)
         modules = [*units.stem.modules, *(m for u in units.blocks[:deepest] for m in u.modules)]
+        sparse = self.config.context == "sparse"
         with eval_mode(modules):
-            outputs = encoder.forward_prefix(video, layers)
+            if sparse:
+                context = query_idx if visible_idx is None else torch.cat([query_idx, visible_idx], dim=1)
+                outputs = encoder.forward_prefix(video, layers, token_idx=context)  # type: ignore[call-arg]
+            else:
+                outputs = encoder.forward_prefix(video, layers)
         targets = {}
         for k in layers:
-            h = gather_tokens(outputs[k], query_idx)
+            # sparse: the queries are the first Q context tokens
+            h = outputs[k][:, : query_idx.shape[1]] if sparse else gather_tokens(outputs[k], query_idx)
             if self.config.layer_norm:
                 h = F.layer_norm(h, h.shape[-1:])
             targets[head_name(k)] = h

@@ -55,12 +55,32 @@ def test_efficiency_quick(tmp_path):
 
 def test_ideal_flops_matches_a_hand_count():
     eff = _load("efficiency")
-    s = eff.Shape(B=1, N=8, V=2, Q=6, D=4, H=16, L_e=2, L_d=1, P=3)
+    s = eff.Shape(B=1, N=8, V=2, Q=6, D=4, H=16, L_e=2, L_d=1, P=3, C=8)
     blk = lambda n: 2 * n * (3 * 16 + 16 + 2 * 64) + 4 * n * n * 4  # noqa: E731
     stem = 2 * 8 * 4 * 3
     assert eff.ideal_step_flops(s, 0, [])["total"] == 2 * stem + 3 * 2 * blk(2) + 3 * blk(8) + 3 * 2 * 6 * 4 * 3
     assert eff.ideal_step_flops(s, 1, [1])["total"] == (
         stem + blk(2) + 3 * blk(2) + 3 * blk(8) + 3 * 2 * 6 * 4 * 4 + stem + blk(8))
+    # 3 queries and the sparse target context: the decoder and readout shrink, the target pass runs on Q + V
+    s3 = eff.Shape(B=1, N=8, V=2, Q=3, D=4, H=16, L_e=2, L_d=1, P=3, C=5)
+    assert eff.ideal_step_flops(s3, 1, [1])["total"] == (
+        stem + blk(2) + 3 * blk(2) + 3 * blk(5) + 3 * 2 * 3 * 4 * 4 + stem + blk(5))
+
+
+def test_efficiency_target_context_variants_match_the_ideal(tmp_path):
+    """The 5%-query and sparse-context variants: measured FLOPs within 3% of their own ideal, and the
+    sparse target pass cheaper than the full one at every k."""
+    eff = _load("efficiency")
+    args = ["--quick", "--reps", "0", "--overhead-reps", "0", "--methods", "layerlock-q5", "layerlock-q5-sparse",
+            "--results-dir", str(tmp_path)]
+    assert eff.main(args) == 0
+    (tiny,) = _outputs(tmp_path, "efficiency-quick")["sizes"]
+    by = {(r["method"], r["k"]): r for r in tiny["rows"]}
+    for (method, k), r in by.items():
+        assert abs(r["flops_gap"]) <= 0.03, (method, k, r["flops_gap"])
+        if k:
+            assert r["flops"] < by[("layerlock-q5", k)]["flops"] or method == "layerlock-q5"
+            assert r["frozen_units_grad_bytes"] == r["frozen_units_state_bytes"] == 0
 
 
 @pytest.mark.timeout(240)

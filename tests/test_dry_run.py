@@ -7,7 +7,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from layerlock_plugin.controller import LayerLock
-from layerlock_plugin.masking import random_masking
+from layerlock_plugin.masking import random_masking, subsample_indices
 from layerlock_plugin.reference.cli import main
 from layerlock_plugin.reference.config import load_config
 from layerlock_plugin.reference.dryrun import build_meta, dry_run, step_flops
@@ -56,11 +56,15 @@ def test_design_cost_model_anchor():
     assert ratio == pytest.approx(0.83, abs=0.02)
 
 
-def test_step_flops_match_torch_flop_counter(tmp_path):
+@pytest.mark.parametrize("target_sets", [[], ["target.loss_fraction=0.25", "target.context=sparse"]],
+                         ids=["full-context", "sparse-context"])
+def test_step_flops_match_torch_flop_counter(tmp_path, target_sets):
     """The analytic count equals torch's FLOP counter on real tiny training steps (math attention, so
-    the counter sees the attention matmuls), in the pixel phase and with 1..3 frozen blocks."""
+    the counter sees the attention matmuls), in the pixel phase and with 1..3 frozen blocks; with the
+    sparse target context the target pass runs on Q + V tokens only."""
     cfg = load_config(None, [f"out_dir={tmp_path}", "schedule.pixel_steps=1", "schedule.interval=1",
-                             "schedule.max_frozen=3"])
+                             "schedule.max_frozen=3", *target_sets])
+    tc = cfg.target
     model = VideoMAE(cfg.model, latent_target_layers=range(1, 4))
     ll = LayerLock(model, cfg.layerlock(), tubelet=cfg.model.tubelet)
     g = torch.Generator().manual_seed(0)
@@ -69,12 +73,14 @@ def test_step_flops_match_torch_flop_counter(tmp_path):
         plan = ll.begin_step(step)
         video = torch.randn(batch, 3, cfg.model.num_frames, cfg.model.img_size, cfg.model.img_size)
         visible, masked = random_masking(batch, model.num_patches, cfg.model.mask_ratio, generator=g)
+        query = subsample_indices(masked, tc.loss_fraction, generator=g) if tc.loss_fraction < 1 else masked
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
-            targets = ll.targets(video, plan, masked)
-            preds = model(video, visible, masked, heads=list(targets), frozen_prefix=ll.frozen_prefix(plan))
+            targets = ll.targets(video, plan, query, visible)
+            preds = model(video, visible, query, heads=list(targets), frozen_prefix=ll.frozen_prefix(plan))
             ll.loss(preds, targets)[0].backward()
         model.zero_grad(set_to_none=True)
-        expected = step_flops(cfg.model, plan.num_frozen, ll.selector.layers(plan), 1.0, plan.stem_frozen)["total"]
+        expected = step_flops(cfg.model, plan.num_frozen, ll.selector.layers(plan), tc.loss_fraction,
+                              plan.stem_frozen, tc.context)["total"]
         assert counter.get_total_flops() == pytest.approx(expected * batch, rel=1e-6), f"step {step}"
 
 

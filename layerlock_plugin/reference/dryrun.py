@@ -47,6 +47,10 @@ class Tokens:
         q = max(1, int(loss_fraction * m + 0.5)) if loss_fraction < 1.0 else m
         return cls(n, n - m, q)
 
+    def target_context(self, context: str = "full") -> int:
+        """Tokens the latent target pass runs on: all ``N`` (``"full"``) or ``Q + V`` (``"sparse"``)."""
+        return self.n if context == "full" else self.q + self.v
+
 
 def block_flops(cfg: ModelConfig, n: int) -> float:
     """Forward matmul FLOPs of one block over ``n`` tokens (one sample)."""
@@ -55,9 +59,10 @@ def block_flops(cfg: ModelConfig, n: int) -> float:
 
 
 def step_flops(cfg: ModelConfig, num_frozen: int, target_layers: list[int], loss_fraction: float = 1.0,
-               stem_frozen: bool | None = None) -> dict[str, float]:
+               stem_frozen: bool | None = None, context: str = "full") -> dict[str, float]:
     """Training FLOPs of one step per sample: ``student`` (forward + backward), ``target`` (the latent
-    target's no-grad forward) and ``total``. ``target_layers`` empty = pixel target (free)."""
+    target's no-grad forward over ``target.context`` tokens) and ``total``. ``target_layers`` empty =
+    pixel target (free)."""
     tok = Tokens.of(cfg, loss_fraction)
     enc = cfg.depth - cfg.decoder_depth
     stem_frozen = num_frozen > 0 if stem_frozen is None else stem_frozen
@@ -70,7 +75,7 @@ def step_flops(cfg: ModelConfig, num_frozen: int, target_layers: list[int], loss
     for k in heads:
         out = cfg.embed_dim if k else cfg.in_chans * pt * ph * pw
         student += 3 * 2 * tok.q * cfg.embed_dim * out
-    target = stem + max(target_layers) * block_flops(cfg, tok.n) if target_layers else 0.0
+    target = stem + max(target_layers) * block_flops(cfg, tok.target_context(context)) if target_layers else 0.0
     return {"student": float(student), "target": float(target), "total": float(student + target)}
 
 
@@ -130,7 +135,8 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
 
     echo(f"dry run: {cfg.method} on {m.depth} blocks (encoder {enc}, decoder {m.decoder_depth}), width "
          f"{m.embed_dim}, {m.num_frames}x{m.img_size}x{m.img_size} clips -> N={tok.n} tokens, V={tok.v} visible, "
-         f"Q={tok.q} queries")
+         f"Q={tok.q} queries; latent target pass over {tok.target_context(cfg.target.context)} tokens "
+         f"(target.context={cfg.target.context})")
     echo(f"parameters: {params:,} ({params / 1e9:.3f} B) built on the meta device (nothing allocated)")
     echo(f"global batch {cfg.train.batch_size} = {world_size} processes x {cfg.train.grad_accum} micro-steps x "
          f"{micro} clips; strategy {cfg.train.strategy}; {'bf16' if bf16 else 'fp32'} activations")
@@ -157,7 +163,7 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
             step=start, num_frozen=events[i - 1][1], target_layer=events[i - 1][1], stage=i, steps_since_switch=0,
             stem_frozen=cfg.schedule.freeze_stem, is_switch=True)
         layers = ll.selector.layers(plan)
-        fl = step_flops(m, plan.num_frozen, layers, cfg.target.loss_fraction, plan.stem_frozen)
+        fl = step_flops(m, plan.num_frozen, layers, cfg.target.loss_fraction, plan.stem_frozen, cfg.target.context)
         trainable = params - plan.num_frozen * block_params - (stem_params if plan.stem_frozen else 0)
         trainable -= sum(n for h, n in readout.items() if h not in ll.heads(plan))
         mem = memory_bytes(m, params, trainable, m.depth - plan.num_frozen, micro, world_size, cfg.train.strategy,

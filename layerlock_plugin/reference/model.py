@@ -11,7 +11,8 @@ Shapes: ``B`` batch, ``C`` channels, ``T x H x W`` video, ``N`` patch tokens in 
 
 The model implements the layered-encoder protocol (:mod:`layerlock_plugin.encoder`):
 ``layerlock_units()`` lists the stem and the encoder blocks (never the decoder-reused ones) and
-``forward_prefix()`` runs the full, unmasked input through blocks ``1..k`` only.
+``forward_prefix()`` runs the full, unmasked input (or the tokens at ``token_idx``, for a sparse target
+context) through blocks ``1..k`` only.
 """
 
 from __future__ import annotations
@@ -333,12 +334,20 @@ class VideoMAE(nn.Module):
             blocks=tuple(FreezeUnit(f"block_{i + 1}", (self.blocks[i],)) for i in range(self.encoder_depth)),
         )
 
-    def forward_prefix(self, video: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    def forward_prefix(self, video: torch.Tensor, layers: Sequence[int],
+                       token_idx: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """``{k: [B, N, D]}``: the output of encoder block ``k`` on the full, unmasked ``video``, for each
         ``k`` in ``layers`` (``1..encoder_depth``). Runs blocks ``1..max(layers)`` only. Leaves grad
-        mode and train/eval mode to the caller."""
+        mode and train/eval mode to the caller.
+
+        ``token_idx [B, K]``: run the blocks on those tokens only (each at its own position, as the
+        encoder runs on the visible ones) and return ``{k: [B, K, D]}`` in ``token_idx`` order."""
         wanted = check_layers(layers, self.encoder_depth)
-        x, rope = self.embed(video), self.rope_emb(None)
+        x = self.embed(video)
+        if token_idx is not None:
+            self._check_idx("token_idx", token_idx, video.shape[0])
+            x = x.gather(1, token_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # [B, K, D]
+        rope = self.rope_emb(token_idx)
         out: dict[int, torch.Tensor] = {}
         for i in range(wanted[-1]):
             x = self.blocks[i](x, rope)

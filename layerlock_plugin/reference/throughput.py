@@ -42,8 +42,9 @@ def peak_memory_bytes(device: torch.device) -> float:
 class Throughput:
     """Times steps and turns them into throughput numbers (per step; the trainer averages a window)."""
 
-    def __init__(self, model_cfg: Any, loss_fraction: float, env: DistEnv, peak_tflops: float, global_batch: int):
-        self.model_cfg, self.loss_fraction, self.env = model_cfg, loss_fraction, env
+    def __init__(self, model_cfg: Any, loss_fraction: float, env: DistEnv, peak_tflops: float, global_batch: int,
+                 context: str = "full"):
+        self.model_cfg, self.loss_fraction, self.env, self.context = model_cfg, loss_fraction, env, context
         self.global_batch = global_batch
         self.tokens = Tokens.of(model_cfg, loss_fraction).n
         peak = peak_tflops or device_peak_tflops(env.device)
@@ -65,7 +66,8 @@ class Throughput:
         out = {"step_s": dt, "clips_per_s": clips, "tokens_per_s": clips * self.tokens,
                "peak_mem_gb": peak_memory_bytes(self.env.device) / 2**30}
         if self.peak:
-            flops = step_flops(self.model_cfg, num_frozen, target_layers, self.loss_fraction, stem_frozen)["total"]
+            flops = step_flops(self.model_cfg, num_frozen, target_layers, self.loss_fraction, stem_frozen,
+                               self.context)["total"]
             out["mfu"] = flops * self.global_batch / dt / (self.peak * self.env.world_size)
         return out
 

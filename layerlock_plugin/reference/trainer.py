@@ -195,7 +195,7 @@ class Trainer:
         self.step = 0
         self.events: list[dict[str, Any]] = []
         self.throughput = Throughput(cfg.model, cfg.target.loss_fraction, self.env, cfg.train.peak_tflops,
-                                     cfg.train.batch_size)
+                                     cfg.train.batch_size, cfg.target.context)
         if resume is not None:
             self._resume(Path(resume))
 
@@ -312,7 +312,7 @@ class Trainer:
         for i in range(accum):
             sl = slice(i * mb, (i + 1) * mb)
             with self.parallel.autocast():
-                targets = ll.targets(video[sl], plan, query_idx[sl])
+                targets = ll.targets(video[sl], plan, query_idx[sl], visible_idx[sl])
             with self.parallel.no_sync(last_micro=i == accum - 1), self.parallel.autocast():
                 predictions = self.parallel(video[sl], visible_idx[sl], query_idx[sl], heads=list(targets),
                                             frozen_prefix=ll.frozen_prefix(plan))
