@@ -241,11 +241,20 @@ class LayerLockMAE(nn.Module):
             idx_mask = subsample_indices(idx_mask, fraction)
         plan = self.layerlock.plan
         query_idx = idx_mask - self.num_prefix_tokens  # patch indices
-        targets = self.layerlock.targets(images, plan, query_idx)
+        targets = self.layerlock.targets(images, plan, query_idx, self._visible_patches(idx_keep))
         x_encoded = self.forward_encoder(images, idx_keep)
         preds = self.forward_decoder(x_encoded, idx_keep, idx_mask, list(targets))
         loss, parts = self.layerlock.loss(preds, targets)
         return LayerLockMAEOutput(loss, parts, preds, targets, idx_keep, idx_mask)
+
+    def _visible_patches(self, idx_keep: torch.Tensor) -> torch.Tensor:
+        """``idx_keep [B, prefix + V]`` (sequence indices, prefix tokens first, as :meth:`random_mask`
+        draws them) -> visible patch indices ``[B, V]`` for the sparse target context."""
+        npt = self.num_prefix_tokens
+        if npt and not torch.equal(idx_keep[:, :npt], torch.arange(npt, device=idx_keep.device).expand(idx_keep.shape[0], -1)):
+            raise ValueError(f"idx_keep: must start with the {npt} prefix token index(es) 0..{npt - 1} in every row "
+                             f"(as LayerLockMAE.random_mask draws them)")
+        return idx_keep[:, npt:] - npt
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, pool: str = "mean") -> torch.Tensor:

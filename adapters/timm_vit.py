@@ -149,22 +149,27 @@ class TimmViTEncoder(nn.Module):
         )
         return EncoderUnits(stem=stem, blocks=blocks)
 
-    def forward_prefix(self, inputs: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+    def forward_prefix(self, inputs: torch.Tensor, layers: Sequence[int],
+                       token_idx: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """Patch-token outputs of blocks ``layers`` on the full input, stopping after ``max(layers)``.
 
         Args:
             inputs: images ``[B, C, H, W]``.
             layers: 1-based block indices in ``1..num_layers`` (duplicates allowed, order ignored).
+            token_idx: optional ``[B, K]`` patch indices (``0..N-1``): run the blocks on the prefix
+                tokens and those patches only (``target.context: sparse``).
 
         Returns:
-            ``{k: h_k}`` with ``h_k`` of shape ``[B, N, D]``: the raw output of block ``k`` (no final
-            norm) with the ``num_prefix_tokens`` class/register tokens dropped; ``N`` is the number
-            of patches.
+            ``{k: h_k}`` with ``h_k`` of shape ``[B, N, D]`` (``[B, K, D]`` in ``token_idx`` order): the
+            raw output of block ``k`` (no final norm) with the ``num_prefix_tokens`` class/register
+            tokens dropped; ``N`` is the number of patches.
 
         Gradients flow as usual; wrap the call in ``torch.no_grad()`` for targets.
         """
         ks = check_layers(layers, self.num_layers)
         m = self.model
+        if token_idx is not None:
+            return self._forward_prefix_sparse(inputs, ks, token_idx)
         # Patch dropout (timm's patch_drop_rate) removes random tokens in training mode, which would
         # make the target cover a subset of the patches. Targets are defined on the full input, so
         # switch it off for this call only and restore the host's mode afterwards.
@@ -193,3 +198,22 @@ class TimmViTEncoder(nn.Module):
                 f"intermediates for {len(ks)} requested blocks"
             )
         return {k: h for k, h in zip(ks, outs)}
+
+    def _forward_prefix_sparse(self, inputs: torch.Tensor, ks: list[int], token_idx: torch.Tensor) -> dict[int, torch.Tensor]:
+        """``forward_intermediates``' stem and blocks (timm 1.0.x: patch_embed -> _pos_embed -> norm_pre ->
+        blocks) on the prefix tokens plus the patches at ``token_idx``; patch dropout is not applied."""
+        m, npt = self.model, self.num_prefix_tokens
+        x = m._pos_embed(m.patch_embed(inputs))  # [B, prefix + N, D], positions added
+        n = x.shape[1] - npt
+        if token_idx.dim() != 2 or token_idx.shape[0] != x.shape[0] or token_idx.dtype != torch.long:
+            raise ValueError(f"token_idx: must be an int64 [B={x.shape[0]}, K] tensor, got {token_idx.dtype} {tuple(token_idx.shape)}")
+        if token_idx.numel() and (int(token_idx.min()) < 0 or int(token_idx.max()) >= n):
+            raise ValueError(f"token_idx: patch indices must be in 0..{n - 1}")
+        patches = x[:, npt:].gather(1, token_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        x = m.norm_pre(torch.cat([x[:, :npt], patches], dim=1))
+        out: dict[int, torch.Tensor] = {}
+        for i, blk in enumerate(m.blocks[: ks[-1]], start=1):
+            x = blk(x)
+            if i in ks:
+                out[i] = x[:, npt:]
+        return out

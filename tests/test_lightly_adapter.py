@@ -203,6 +203,30 @@ def test_loss_fraction_shrinks_queries():
     assert out.idx_mask.shape[1] == 3 and out.targets["layer_1"].shape == (4, 3, DIM)
 
 
+def test_sparse_target_context_runs_on_queries_and_visible_patches():
+    """target.context=sparse through LayerLockMAE: the target equals the timm wrapper's prefix pass on the
+    queried + visible patches; with every masked patch queried it equals the full-context target."""
+    sparse = tiny_mae(config(target=TargetConfig(loss_fraction=0.25, context="sparse")))
+    sparse.layerlock.begin_step(4)  # 1 block frozen: target h_1
+    out = sparse(images())
+    query = out.idx_mask - 1
+    context = torch.cat([query, out.idx_keep[:, 1:] - 1], dim=1)
+    sparse.eval()
+    with torch.no_grad():
+        ref = sparse.layerlock.encoder.forward_prefix(images(), [1], token_idx=context)[1][:, : query.shape[1]]
+    torch.testing.assert_close(out.targets["layer_1"], torch.nn.functional.layer_norm(ref, ref.shape[-1:]))
+    everything = tiny_mae(config(target=TargetConfig(context="sparse")))
+    full = tiny_mae(config())
+    for m in (everything, full):
+        m.layerlock.begin_step(4)
+    keep, mask = full.random_mask(4, "cpu")
+    a = everything(images(), keep, mask).targets["layer_1"]
+    b = full(images(), keep, mask).targets["layer_1"]
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-5)
+    with pytest.raises(ValueError, match="idx_keep: must start with the 1 prefix token"):
+        everything(images(), keep.flip(1), mask)
+
+
 # ------------------------------------------------------------------------------------- errors
 def test_unsupported_timm_structure_through_entry_point():
     vit = tiny_vit()

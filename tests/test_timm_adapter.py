@@ -66,6 +66,33 @@ def test_forward_prefix_matches_full_forward(cfg, k):
     torch.testing.assert_close(out[k], ref[k - 1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", list(CONFIGS), ids=list(CONFIGS))
+def test_forward_prefix_on_a_token_subset(cfg):
+    """token_idx: every patch in shuffled order gives the full outputs in that order (attention with
+    additive positions is permutation-equivariant; prefix tokens stay in the context); a subset's
+    outputs do not depend on the patches left out."""
+    enc = TimmViTEncoder(tiny_vit(**CONFIGS[cfg]))
+    x = images()
+    perm = torch.stack([torch.randperm(N_PATCHES, generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
+    with torch.no_grad():
+        full = enc.forward_prefix(x, [1, 3])
+        shuffled = enc.forward_prefix(x, [1, 3], token_idx=perm)
+        for k in (1, 3):
+            torch.testing.assert_close(shuffled[k], full[k].gather(1, perm.unsqueeze(-1).expand(-1, -1, DIM)),
+                                       rtol=1e-5, atol=1e-5)
+        subset = perm[:, :5]
+        edited = x.clone()
+        outside = perm[0, 5].item()  # a patch outside row 0's subset: its pixels must not matter
+        r, c = divmod(outside, 32 // 8)
+        edited[0, :, 8 * r:8 * r + 8, 8 * c:8 * c + 8] += 3.0
+        a = enc.forward_prefix(x, [2], token_idx=subset)[2]
+        b = enc.forward_prefix(edited, [2], token_idx=subset)[2]
+    assert a.shape == (2, 5, DIM)
+    torch.testing.assert_close(a[0], b[0])
+    with pytest.raises(ValueError, match="token_idx: patch indices must be in 0..15"):
+        enc.forward_prefix(x, [1], token_idx=torch.full((2, 3), N_PATCHES))
+
+
 def test_prefix_token_counts():
     assert tiny_vit().num_prefix_tokens == 1
     assert tiny_vit(reg_tokens=2).num_prefix_tokens == 3
