@@ -99,3 +99,41 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     m = sum(values) / n
     s = (sum((v - m) ** 2 for v in values) / (n - 1)) ** 0.5 if n > 1 else 0.0
     return m, s
+
+
+def aggregate_seeds(rows: list[dict[str, Any]], names: list[str], name_key: str, metrics: list[str],
+                    stats: list[str]) -> dict[str, dict[str, Any]]:
+    """One entry per name (in ``names`` order, names without rows left out): its seeds, mean ± std of
+    each probe ``metric`` (from ``row["probes"]``) and each ``stat`` (from the row), and the chance levels."""
+    table: dict[str, dict[str, Any]] = {}
+    for name in names:
+        mine = [r for r in rows if r[name_key] == name]
+        if not mine:
+            continue
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in mine]}
+        for key in metrics:
+            entry[key] = mean_std([r["probes"][key] for r in mine if key in r["probes"]])
+        for key in stats:
+            entry[key] = mean_std([r[key] for r in mine])
+        entry["motion_chance"] = mine[0]["probes"].get("motion_chance")
+        entry["appearance_chance"] = mine[0]["probes"].get("appearance_chance")
+        table[name] = entry
+    return table
+
+
+def seeds_markdown(table: dict[str, dict[str, Any]], columns: list[tuple[str, str]], steps: int,
+                   meta: dict[str, Any], label=lambda name: name, note: str = "") -> str:
+    """The mean ± std table of :func:`aggregate_seeds` (``columns``: ``(key, header)``), with chance
+    levels, ``note``, machine, date and command underneath."""
+    heads = [h for _, h in columns]
+    lines = [f"| method ({steps} steps, seeds) | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
+    for name, e in table.items():
+        cells = [f"{e[k][0]:.3f} ± {e[k][1]:.3f}" for k, _ in columns]
+        lines.append(f"| {label(name)} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells) + " |")
+    any_e = next(iter(table.values()), {})
+    lines.append("")
+    lines.append(f"Chance: motion {any_e.get('motion_chance')}, appearance {any_e.get('appearance_chance')}. "
+                 f"mean ± std over seeds (sample std). {note + ' ' if note else ''}"
+                 f"{meta['machine']}, torch {meta['torch']}, {meta['date_utc']}.")
+    lines.append(f"Command: `{meta['command']}`")
+    return "\n".join(lines) + "\n"

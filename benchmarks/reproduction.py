@@ -7,8 +7,10 @@ appearance probes, ridge depth probe on frozen encoder tokens). The evaluation i
 is the same for every method.
 
 Variants (``--methods``): ``mae``, ``freeze-only``, ``layerlock``, ``latent-naive`` (the paper's
-comparison; naive latent prediction must collapse), and the ablations ``layerlock-no-warmup``
-(``warmup.steps=0``) and ``layerlock-multi`` (``target.mode=multi``).
+comparison; naive latent prediction must collapse), the ablations ``layerlock-no-warmup``
+(``warmup.steps=0``) and ``layerlock-multi`` (``target.mode=multi``), and the cost knobs ``mae-q25``,
+``layerlock-q25`` (queries and loss on 25% of the masked positions) and ``layerlock-q25-sparse`` (the same
+with the target pass on the queried + visible tokens only, ``target.context=sparse``).
 
 The freezing schedule keeps the tiny config's shape for any ``--steps``: pixels for 40% of the run, then
 one more block frozen every 2/15 of the run until 3 of the 4 encoder blocks are frozen (at 1500 steps:
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, figure, mean_std, provenance, save_figure, write_json  # noqa: E402
+from _common import RESULTS, aggregate_seeds, figure, provenance, save_figure, seeds_markdown, write_json  # noqa: E402
 
 from layerlock_plugin.collapse import feature_stats  # noqa: E402
 from layerlock_plugin.reference.config import load_config  # noqa: E402
@@ -52,6 +54,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "latent-naive": ("latent-naive", []),
     "layerlock-no-warmup": ("layerlock", ["warmup.steps=0"]),
     "layerlock-multi": ("layerlock", ["target.mode=multi"]),
+    # the latent target's cost knobs: queries on 25% of the masked positions, target pass over all tokens
+    # or over the queried + visible ones only (and MAE with the same queries, for the comparison)
+    "mae-q25": ("mae", ["target.loss_fraction=0.25"]),
+    "layerlock-q25": ("layerlock", ["target.loss_fraction=0.25"]),
+    "layerlock-q25-sparse": ("layerlock", ["target.loss_fraction=0.25", "target.context=sparse"]),
 }
 PAPER_METHODS = ["mae", "freeze-only", "layerlock", "latent-naive"]
 # Columns of the table: (key in probes.json, header, higher is better)
@@ -129,38 +136,11 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def aggregate(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, Any]]:
-    table: dict[str, dict[str, Any]] = {}
-    for v in variants:
-        mine = [r for r in rows if r["variant"] == v]
-        if not mine:
-            continue
-        entry: dict[str, Any] = {"seeds": [r["seed"] for r in mine]}
-        for key, _, _ in METRICS:
-            entry[key] = mean_std([r["probes"][key] for r in mine if key in r["probes"]])
-        for key, _ in STATS:
-            entry[key] = mean_std([r[key] for r in mine])
-        chance = [r["probes"].get("motion_chance") for r in mine]
-        entry["motion_chance"] = chance[0]
-        entry["appearance_chance"] = mine[0]["probes"].get("appearance_chance")
-        table[v] = entry
-    return table
+    return aggregate_seeds(rows, variants, "variant", [k for k, _, _ in METRICS], [k for k, _ in STATS])
 
 
 def markdown(table: dict[str, dict[str, Any]], steps: int, meta: dict[str, Any]) -> str:
-    def cell(ms: tuple[float, float]) -> str:
-        return f"{ms[0]:.3f} ± {ms[1]:.3f}"
-
-    heads = [h for _, h, _ in METRICS] + [h for _, h in STATS]
-    lines = [f"| method ({steps} steps, seeds) | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    for v, e in table.items():
-        cells = [cell(e[k]) for k, _, _ in METRICS] + [cell(e[k]) for k, _ in STATS]
-        lines.append(f"| {v} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells) + " |")
-    any_e = next(iter(table.values()), {})
-    lines.append("")
-    lines.append(f"Chance: motion {any_e.get('motion_chance')}, appearance {any_e.get('appearance_chance')}. "
-                 f"mean ± std over seeds (sample std). {meta['machine']}, torch {meta['torch']}, {meta['date_utc']}.")
-    lines.append(f"Command: `{meta['command']}`")
-    return "\n".join(lines) + "\n"
+    return seeds_markdown(table, [(k, h) for k, h, _ in METRICS] + STATS, steps, meta)
 
 
 def plot_collapse(rows: list[dict[str, Any]], path: Path) -> Path:

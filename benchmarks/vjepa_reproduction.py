@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, mean_std, provenance, write_json  # noqa: E402
+from _common import RESULTS, aggregate_seeds, provenance, seeds_markdown, write_json  # noqa: E402
 
 from layerlock_plugin.collapse import feature_stats  # noqa: E402
 from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
@@ -114,39 +114,13 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    table: dict[str, dict[str, Any]] = {}
-    for m in METHODS:
-        mine = [r for r in rows if r["method"] == m]
-        if not mine:
-            continue
-        entry: dict[str, Any] = {"seeds": [r["seed"] for r in mine]}
-        for key, _ in METRICS:
-            entry[key] = mean_std([r["probes"][key] for r in mine if key in r["probes"]])
-        for key, _ in STATS:
-            entry[key] = mean_std([r[key] for r in mine])
-        entry["motion_chance"] = mine[0]["probes"].get("motion_chance")
-        entry["appearance_chance"] = mine[0]["probes"].get("appearance_chance")
-        table[m] = entry
-    return table
+    return aggregate_seeds(rows, METHODS, "method", [k for k, _ in METRICS], [k for k, _ in STATS])
 
 
 def markdown(table: dict[str, dict[str, Any]], steps: int, meta: dict[str, Any]) -> str:
-    def cell(ms: tuple[float, float]) -> str:
-        return f"{ms[0]:.3f} ± {ms[1]:.3f}"
-
-    heads = [h for _, h in METRICS] + [h for _, h in STATS]
-    lines = [f"| method ({steps} steps, seeds) | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
-    for m, e in table.items():
-        cells = [cell(e[k]) for k, _ in METRICS] + [cell(e[k]) for k, _ in STATS]
-        lines.append(f"| {LABELS[m]} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells) + " |")
-    any_e = next(iter(table.values()), {})
-    lines.append("")
-    lines.append(f"Chance: motion {any_e.get('motion_chance')}, appearance {any_e.get('appearance_chance')}. "
-                 f"mean ± std over seeds (sample std). Probes read the final target (EMA) encoder. Final losses "
-                 f"regress different targets and are not comparable across methods. "
-                 f"{meta['machine']}, torch {meta['torch']}, {meta['date_utc']}.")
-    lines.append(f"Command: `{meta['command']}`")
-    return "\n".join(lines) + "\n"
+    return seeds_markdown(table, METRICS + STATS, steps, meta, label=LABELS.get,
+                          note="Probes read the final target (EMA) encoder. Final losses regress different "
+                               "targets and are not comparable across methods.")
 
 
 def main(argv: list[str] | None = None) -> int:
