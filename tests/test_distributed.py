@@ -4,7 +4,8 @@ One torchrun launch (this file run as a script) does all the 2-process work in o
 keep the start-up cost to one; the tests then check what it recorded against a one-process run:
 
 * the same global batch gives the same loss as one process, step by step, across 3 freeze events and
-  target switches (ddp, fsdp, and ddp with gradient accumulation + activation checkpointing);
+  target switches (ddp, fsdp, ddp and fsdp with gradient accumulation + activation checkpointing, and
+  fsdp with a 25% query subset and the sparse target context);
 * frozen parameters are identical on every rank, unchanged after freezing and hold no optimizer state;
 * a run stopped after a freeze event and resumed from its DCP checkpoint ends with the same weights and
   logs as the uninterrupted run;
@@ -35,6 +36,7 @@ TINY = [
 ]
 STOP = 11  # stop after the event at step 10, resume to 16
 ACCUM = ["train.grad_accum=2", "train.activation_checkpointing=true"]
+SPARSE = ["target.loss_fraction=0.25", "target.context=sparse"]  # queries on 25% of the masked, sparse target pass
 
 
 def tiny_config(out, *extra):
@@ -65,7 +67,8 @@ def _worker(root: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     report: dict = {"world_size": dist.get_world_size()}
-    for strategy, extra in (("ddp", []), ("fsdp", []), ("ddp_accum", ACCUM)):
+    for strategy, extra in (("ddp", []), ("fsdp", []), ("ddp_accum", ACCUM), ("fsdp_accum", ACCUM),
+                            ("fsdp_sparse", SPARSE)):
         name = strategy
         strat = strategy.split("_")[0]
         cfg = lambda d, *more: tiny_config(root / d, f"train.strategy={strat}", *extra, *more)  # noqa: E731
@@ -87,7 +90,7 @@ def _worker(root: Path) -> None:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, {n: after[n].double().sum().item() for n in frozen_names})
         entry["frozen_same_on_ranks"] = all(g == gathered[0] for g in gathered)
-        if strategy != "ddp_accum":
+        if strategy in ("ddp", "fsdp"):
             torch.manual_seed(7)  # resume must not depend on the caller's RNG state
             part = Trainer(cfg(f"{name}_part"), **quiet)
             part.fit(stop_after=STOP)
@@ -134,6 +137,7 @@ def runs(tmp_path_factory):
 
     Trainer(tiny_config(root / "one"), echo=lambda s: None).fit()
     Trainer(tiny_config(root / "one_accum", *ACCUM), echo=lambda s: None).fit()
+    Trainer(tiny_config(root / "one_sparse", *SPARSE), echo=lambda s: None).fit()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(root)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420, env=env)
@@ -142,7 +146,8 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("name, reference", [("ddp", "one"), ("fsdp", "one"), ("ddp_accum", "one_accum")])
+@pytest.mark.parametrize("name, reference", [("ddp", "one"), ("fsdp", "one"), ("ddp_accum", "one_accum"),
+                                             ("fsdp_accum", "one_accum"), ("fsdp_sparse", "one_sparse")])
 def test_two_processes_match_one_process_loss(runs, name, reference):
     root, report = runs
     assert report["world_size"] == 2
@@ -155,7 +160,7 @@ def test_two_processes_match_one_process_loss(runs, name, reference):
 
 
 @pytest.mark.timeout(480)
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_accum"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_accum", "fsdp_accum", "fsdp_sparse"])
 def test_frozen_params_identical_across_ranks_and_unchanged(runs, name):
     _, report = runs
     entry = report[name]
