@@ -135,8 +135,8 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
 
     echo(f"dry run: {cfg.method} on {m.depth} blocks (encoder {enc}, decoder {m.decoder_depth}), width "
          f"{m.embed_dim}, {m.num_frames}x{m.img_size}x{m.img_size} clips -> N={tok.n} tokens, V={tok.v} visible, "
-         f"Q={tok.q} queries; latent target pass over {tok.target_context(cfg.target.context)} tokens "
-         f"(target.context={cfg.target.context})")
+         f"Q={tok.q} queries" + (f"; latent target pass over {tok.target_context(cfg.target.context)} tokens "
+                                 f"(target.context={cfg.target.context})" if ll.config.target.kind == "latent" else ""))
     echo(f"parameters: {params:,} ({params / 1e9:.3f} B) built on the meta device (nothing allocated)")
     echo(f"global batch {cfg.train.batch_size} = {world_size} processes x {cfg.train.grad_accum} micro-steps x "
          f"{micro} clips; strategy {cfg.train.strategy}; {'bf16' if bf16 else 'fp32'} activations")
