@@ -122,7 +122,8 @@ class LayerLock:
         if target.kind == "latent" and target.context == "sparse" and not accepts_token_idx(self.encoder):
             raise ConfigError(
                 "target.context",
-                f"'sparse' needs an encoder whose forward_prefix accepts token_idx (the reference VideoMAE does); "
+                f"'sparse' needs an encoder whose forward_prefix accepts token_idx (the reference VideoMAE and "
+                f"TimmViTEncoder do); "
                 f"{type(self.encoder).__name__}.forward_prefix does not. Use 'full'.",
             )
         self.selector = TargetSelector(self.config.target, tubelet)
