@@ -32,6 +32,8 @@ grad clipping, collapse guard, AdamW) is measured for ``freeze-only`` (pixel tar
 
     python benchmarks/efficiency.py --quick        # tiny model only, few reps (about a minute)
     python benchmarks/efficiency.py                # tiny + ViT-B-shaped (4x160x160 clip)
+    python benchmarks/efficiency.py --methods layerlock layerlock-q5 layerlock-q5-sparse --tag context
+                                                   # what the query subset and the sparse target context cost
 
 Writes ``benchmarks/results/efficiency[-quick].json``, ``.md`` and ``efficiency[-quick].png``.
 """
