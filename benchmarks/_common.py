@@ -66,6 +66,21 @@ def _source_of_package() -> str:
     return f"{root}" + (f" @ {commit}" if commit else "") + (" (uncommitted changes)" if dirty else "")
 
 
+def add_run_args(parser) -> None:
+    """The options every in-process study shares: ``--threads``, ``--tag``, ``--results-dir``."""
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--tag", default="", help="suffix of the result files (default: 'quick' with --quick)")
+    parser.add_argument("--results-dir", default=str(RESULTS))
+
+
+def start_run(args) -> str:
+    """Apply ``--threads`` and return the result-file suffix (``-TAG``, ``-quick`` or empty)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tag = args.tag or ("quick" if getattr(args, "quick", False) else "")
+    return f"-{tag}" if tag else ""
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, provenance, write_json  # noqa: E402
+from _common import add_run_args, provenance, start_run, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -101,15 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="encoder blocks (default: all)")
     p.add_argument("--probe-videos", type=int, default=None, help="probe train/test videos (default: the run's)")
     p.add_argument("--no-random-init", action="store_true", help="skip the random-init reference model")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--tag", default="")
-    p.add_argument("--results-dir", default=str(RESULTS))
+    add_run_args(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    suffix = start_run(args)
     meta = provenance()
-    tag = args.tag or ("quick" if args.quick else "")
-    suffix = f"-{tag}" if tag else ""
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmpdir:
         runs = [Path(r) for r in args.runs]

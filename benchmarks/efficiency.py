@@ -60,7 +60,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, figure, provenance, save_figure, write_json  # noqa: E402
+from _common import add_run_args, figure, provenance, save_figure, start_run, write_json  # noqa: E402
 
 from layerlock_plugin.masking import num_masked, random_masking  # noqa: E402
 from layerlock_plugin.reference.config import load_config  # noqa: E402
@@ -514,17 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=None)
     p.add_argument("--reps", type=int, default=None, help="timing pairs per k (default 15 tiny / 3 larger; quick 2; 0: no timing)")
     p.add_argument("--overhead-reps", type=int, default=None, help="timing pairs for the overhead (default 60 tiny / 10 larger; quick 3)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--methods", nargs="+", choices=sorted(VARIANTS), default=list(METHODS),
                    help="variants to measure against MAE (default: freeze-only layerlock)")
-    p.add_argument("--tag", default="")
-    p.add_argument("--results-dir", default=str(RESULTS))
+    add_run_args(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    suffix = start_run(args)
     sizes = args.sizes or (["tiny"] if args.quick else list(SIZES))
-    tag = args.tag or ("quick" if args.quick else "")
-    suffix = f"-{tag}" if tag else ""
     meta = provenance()
     results, overhead, whole = [], {}, {}
     with tempfile.TemporaryDirectory() as tmpdir:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, figure, provenance, save_figure, write_json  # noqa: E402
+from _common import add_run_args, figure, provenance, save_figure, start_run, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -111,12 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--continue-steps", type=int, default=None, help="default 100; quick 4")
     p.add_argument("--eval-videos", type=int, default=None, help="held-out clips (default 256; quick 16)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--tag", default="")
-    p.add_argument("--results-dir", default=str(RESULTS))
+    add_run_args(p)
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    suffix = start_run(args)
     q = args.quick
     steps = args.steps or (12 if q else 400)
     every = args.every or (2 if q else 10)
@@ -124,8 +121,6 @@ def main(argv: list[str] | None = None) -> int:
     cont = args.continue_steps or (4 if q else 100)
     n_eval = args.eval_videos or (16 if q else 256)
     extra = (QUICK_SETS if q else []) + args.sets
-    tag = args.tag or ("quick" if q else "")
-    suffix = f"-{tag}" if tag else ""
     meta = provenance()
     started = time.perf_counter()
 

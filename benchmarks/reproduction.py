@@ -147,8 +147,8 @@ def plot_collapse(rows: list[dict[str, Any]], path: Path) -> Path:
     """Latent-target feature std and effective rank over training for every latent variant and seed."""
     fig = figure(11, 4)
     axes = fig.subplots(1, 2)
-    colours = {"layerlock": "tab:blue", "latent-naive": "tab:red", "layerlock-no-warmup": "tab:green",
-               "layerlock-multi": "tab:purple"}
+    # a colour per variant, in the order of VARIANTS (fixed across studies, distinct within one)
+    colours = {name: f"C{i}" for i, name in enumerate(VARIANTS)}
     for ax, key, label in zip(axes, ("layerlock/feature_std", "layerlock/effective_rank"),
                               ("target feature std (scale-free)", "target effective rank / dim")):
         seen = set()
@@ -158,7 +158,7 @@ def plot_collapse(rows: list[dict[str, Any]], path: Path) -> Path:
                 continue
             xs, ys = zip(*pts)
             name = r["variant"]
-            ax.plot(xs, ys, color=colours.get(name, "gray"), alpha=0.8, lw=1.2,
+            ax.plot(xs, ys, color=colours[name], alpha=0.8, lw=1.2,
                     label=None if name in seen else name)
             seen.add(name)
         ax.set_xlabel("step")
