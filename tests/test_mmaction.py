@@ -11,6 +11,7 @@ into mmaction2's stock VideoMAE fine-tuning config and its test pipeline runs on
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -233,6 +234,9 @@ def test_backbone_without_blocks_is_refused():
         _build(dict(type="LayerLockVideoMAE", backbone=dict(type="VisionTransformer"), mask=dict(type="block")), "MODELS")
 
 
+_RUNNER_IDS = itertools.count()
+
+
 def _runner(tmp_path, data, **changes):
     from mmengine.config import Config
     from mmengine.runner import Runner
@@ -241,6 +245,9 @@ def _runner(tmp_path, data, **changes):
     cfg.train_dataloader.dataset.update(ann_file=str(data / "train_list.txt"), data_prefix=dict(video=str(data / "videos")))
     cfg.merge_from_dict(changes)
     cfg.work_dir = str(tmp_path)
+    # mmengine names a run's MessageHub / logger / visualizer instances after the config file and the
+    # current second: two runners built within one second would share (and mix) their logged scalars.
+    cfg.experiment_name = f"{tmp_path.parent.name}-{tmp_path.name}-{next(_RUNNER_IDS)}"
     return Runner.from_cfg(cfg)
 
 
