@@ -95,7 +95,7 @@ def run_one(name: str, seed: int, steps: int, out: Path, extra: list[str], threa
         if row.get("config") == config.to_dict():
             return row
     started = time.perf_counter()
-    trainer = Trainer(config, echo=lambda s: None)
+    trainer = Trainer(config, overwrite=True, echo=lambda s: None)  # an unfinished earlier try restarts
     flops_by_plan: dict[str, int] = {}
     trainer.train_step = counted_train_step(trainer, flops_by_plan)
     summary = trainer.fit()

@@ -116,7 +116,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if row is not None:
         return row
     started = time.perf_counter()
-    trainer = Trainer(config, echo=lambda s: None)
+    trainer = Trainer(config, overwrite=True, echo=lambda s: None)  # an unfinished earlier try restarts
     summary = trainer.fit()
     rows = read_jsonl(out / "metrics.jsonl")
     tail = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]

@@ -100,7 +100,7 @@ class ModelConfig:
                 f"must be less than depth={self.depth} (the encoder needs at least one block), "
                 f"got {self.decoder_depth}",
             )
-        self.mask_ratio = self._open_fraction(f + "mask_ratio", self.mask_ratio)
+        self.mask_ratio = self._mask_ratio(f + "mask_ratio", self.mask_ratio)
         self.drop_path = self._open_fraction(f + "drop_path", self.drop_path, allow_zero=True)
         self.proj_drop = self._open_fraction(f + "proj_drop", self.proj_drop, allow_zero=True)
         V.boolean(f + "qkv_bias", self.qkv_bias)
@@ -130,6 +130,18 @@ class ModelConfig:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
             raise ConfigError(field, f"must be a list of 3 numbers (t, h, w), got {value!r}")
         return tuple(check(f"{field}[{i}]", v) for i, v in enumerate(value))
+
+    def _mask_ratio(self, field: str, value: Any) -> float:
+        """``round(ratio * N)`` tokens are masked (halves round up; :func:`~layerlock_plugin.masking.num_masked`):
+        at least one must be masked and one visible, so ``0.5 / N <= ratio < (N - 0.5) / N``."""
+        t, h, w = self.grid
+        n = t * h * w
+        lo, hi = 0.5 / n, (n - 0.5) / n
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and lo <= float(value) < hi
+        if not ok:
+            raise ConfigError(field, f"must be a number in [{lo:.4g}, {hi:.4g}) for the model's {n} tokens "
+                                     f"(at least one masked and one visible token), got {value!r}")
+        return float(value)
 
     @staticmethod
     def _open_fraction(field: str, value: Any, allow_zero: bool = False) -> float:

@@ -60,6 +60,8 @@ from .data import DigitsVideoDataset, VideoFolderDataset
 from .distributed import DistEnv, all_reduce_mean, check_batch, rank_seed, setup
 from .model import VideoMAE
 from .parallelize import Parallelized, clip_grad_norm
+from .run_folder import RunFolder, inside, read_jsonl, resume_source, same_folder
+from .stop import StopRequest
 from .throughput import Throughput
 
 CHECKPOINT_FORMAT = "layerlock-reference/1"
@@ -150,12 +152,25 @@ def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 class Trainer:
-    """The reference trainer. ``resume``: a run folder (its ``checkpoint.pt`` or ``dcp/latest``), a
-    ``checkpoint.pt`` file or one ``dcp/step_*`` folder; a missing or partial checkpoint is an error."""
+    """The reference trainer, writing into the run folder ``config.out_dir``.
 
-    def __init__(self, config: RunConfig, *, resume: str | Path | None = None, echo: Callable[[str], None] = print):
+    ``resume``: a run folder (its ``checkpoint.pt`` or ``dcp/latest``), a ``checkpoint.pt`` file or one
+    ``dcp/step_*`` folder; a missing or partial checkpoint is an error. Resuming into the checkpoint's
+    own run folder continues that run there; into another folder it forks: the new folder (fresh, as
+    for a new run) gets the logs up to the resumed step and its own checkpoints, the source is only read.
+    A new run (or fork) into a folder holding a run is refused unless ``overwrite`` (which removes the
+    old run's files first). ``extend``: allow ``train.steps`` to differ from the resumed run's budget
+    (the LR schedule is recomputed; the change is printed). Nothing is written before :meth:`fit`.
+    """
+
+    def __init__(self, config: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
+                 extend: bool = False, echo: Callable[[str], None] = print):
         self.config = config
         cfg = config
+        if cfg.out_dir is None:
+            raise ConfigError("out_dir", "must name the run folder (the CLI picks runs/<method>-<time> when --out is omitted)")
+        self.out = Path(cfg.out_dir)
+        checkpoint, self.log_source = self._plan_folder(resume, overwrite)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.env: DistEnv = setup(cfg.train.strategy, cfg.train.device, cfg.train.dist_timeout_s)
@@ -163,8 +178,6 @@ class Trainer:
         self.device = self.env.device
         self.micro_batch = check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.env.world_size)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
-        self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
 
         self.dataset = build_dataset(cfg, "train")
         ll_config = cfg.layerlock()
@@ -187,6 +200,7 @@ class Trainer:
         self.layerlock = LayerLock(
             self.model, ll_config, self.optimizer, tubelet=cfg.model.tubelet, total_steps=cfg.train.steps
         )
+        self._resumed_events: list[str] = []
         self.layerlock.on_event(self._on_event)
         if self.env.world_size > 1:
             torch.manual_seed(rank_seed(cfg.seed, self.env.rank))  # each rank's own dropout stream
@@ -196,8 +210,80 @@ class Trainer:
         self.events: list[dict[str, Any]] = []
         self.throughput = Throughput(cfg.model, cfg.target.loss_fraction, self.env, cfg.train.peak_tflops,
                                      cfg.train.batch_size, cfg.target.context)
-        if resume is not None:
-            self._resume(Path(resume))
+        self.resumed_step: int | None = None
+        if checkpoint is not None:
+            saved_steps = self._resume(checkpoint)
+            self.resumed_step = self.step
+            self._check_budget(saved_steps, extend)
+        self._folder_ready = False
+        self.stop, self.stop_agreed = StopRequest(), False
+
+    def _plan_folder(self, resume: str | Path | None, overwrite: bool) -> tuple[Path | None, Path | None]:
+        """Check the run folder rules (module :mod:`.run_folder`) without writing: ``(checkpoint to load,
+        folder whose logs the run continues)``."""
+        folder = RunFolder(self.out)
+        if resume is None:
+            folder.check_new(overwrite)
+            self._clear = overwrite and folder.holds_run()
+            return None, None
+        checkpoint, source = resume_source(resume)
+        if source is not None and same_folder(source, self.out):
+            if overwrite:
+                raise ConfigError("--overwrite", "is for a new run; a resume continues its run in place "
+                                                 "(to start the resumed state in another folder: --out NEW)")
+            self._clear = False
+            return checkpoint, source
+        if source is not None and (inside(self.out, source) or inside(source, self.out)):
+            raise ConfigError("out_dir", f"{self.out} and the resumed run {source} lie inside one another; "
+                                         "a fork goes into a separate folder and never touches its source")
+        folder.check_new(overwrite)
+        self._clear = overwrite and folder.holds_run()
+        return checkpoint, source
+
+    def _check_budget(self, saved_steps: int, extend: bool) -> None:
+        """A resume keeps the run's budget unless extended explicitly: ``train.steps`` shapes the LR curve."""
+        new, step = self.config.train.steps, self.step
+        if new <= step:
+            raise ConfigError("train.steps", f"{new} is not above the resumed step {step}: nothing would be trained"
+                                             + ("" if new != saved_steps else
+                                                f"; the run is finished (extend it with --extend N, N > {step})"))
+        if new == saved_steps:
+            if extend:
+                raise ConfigError("--extend", f"{new} is the run's budget already; give a larger number of steps")
+            return
+        if not extend:
+            raise ConfigError("train.steps", f"the resumed run's budget is {saved_steps} steps and train.steps={new} "
+                                             f"would recompute its LR schedule; say --extend {new} to do that "
+                                             f"(or --stop-after N to stop early keeping the schedule)")
+        if new < saved_steps:
+            raise ConfigError("--extend", f"{new} is below the run's budget of {saved_steps} steps; to stop earlier "
+                                          f"keeping the schedule use --stop-after {new}")
+        o = self.config.optim
+        old_lr = o.lr * cosine_with_warmup(saved_steps, o.warmup_steps, o.min_lr_ratio)(step)
+        new_lr = o.lr * cosine_with_warmup(new, o.warmup_steps, o.min_lr_ratio)(step)
+        self.echo(f"extending the run from {saved_steps} to {new} steps: the cosine LR schedule is recomputed for "
+                  f"{new} steps, so at step {step} the LR goes from {old_lr:.3g} to {new_lr:.3g}, then decays to "
+                  f"{o.lr * o.min_lr_ratio:.3g} at step {new}; the freeze schedule (step-based) is unchanged")
+
+    def check_stop_after(self, stop_after: int | None) -> None:
+        """``stop_after`` must lie after the current step and within ``train.steps`` (``None``: no early stop)."""
+        steps = self.config.train.steps
+        if stop_after is not None and not (isinstance(stop_after, int) and self.step < stop_after <= steps):
+            raise ConfigError("--stop-after", f"must be a step after the run's current step {self.step} and at most "
+                                              f"train.steps={steps}, got {stop_after!r}")
+
+    def _prepare_folder(self) -> None:
+        """Rank 0 makes the folder (removing an overwritten run's files first); then every rank may write."""
+        if self._folder_ready:
+            return
+        if self.env.is_main:
+            if self._clear:
+                RunFolder(self.out).clear()
+            self.out.mkdir(parents=True, exist_ok=True)
+        from .distributed import barrier
+
+        barrier(self.env)
+        self._folder_ready = True
 
     @property
     def uses_dcp(self) -> bool:
@@ -208,8 +294,11 @@ class Trainer:
         self.events.append({"step": event.step, "num_frozen": event.num_frozen, "target_layer": event.target_layer,
                             "heads": list(event.heads), "newly_frozen": list(event.newly_frozen),
                             "resumed": event.resumed})
+        if event.resumed:  # said when the resumed run starts (a resume refused later says nothing of it)
+            self._resumed_events.append(event.describe())
+            return
         self.echo(f"[layerlock] {event.describe()}")
-        if not event.resumed and self.env.is_main:
+        if self.env.is_main:
             with open(self.out / "events.jsonl", "a") as f:
                 f.write(json.dumps(self.events[-1]) + "\n")
 
@@ -240,11 +329,10 @@ class Trainer:
             raise CheckpointError(f"{source} was written by a run with a different config; differing fields: "
                                   f"{', '.join(diffs)}. Resume with the checkpoint's config (omit --config).")
 
-    def _resume(self, path: Path) -> None:
+    def _resume(self, path: Path) -> int:
         """Restore everything in the order that keeps freezing consistent: model weights, then the
-        LayerLock plan (re-freezes what was frozen), then optimizer state, scheduler and RNG."""
-        if not path.exists():
-            raise CheckpointError(f"checkpoint {path} does not exist; nothing to resume (a resume never starts fresh)")
+        LayerLock plan (re-freezes what was frozen), then optimizer state, scheduler and RNG. Returns the
+        resumed run's budget (``train.steps`` of its config)."""
         if path.is_dir() and ((path / dcp.DCP_DIR).is_dir() or path.parent.name == dcp.DCP_DIR):
             return self._resume_dcp(path)
         file = path / "checkpoint.pt" if path.is_dir() else path
@@ -266,6 +354,7 @@ class Trainer:
         self.step = int(ckpt["step"])
         if self.layerlock.next_step != self.step:
             raise CheckpointError(f"{file}: LayerLock state is at step {self.layerlock.next_step}, trainer at {self.step}")
+        return int(ckpt["config"]["train"]["steps"])
 
     def _resume_dcp(self, path: Path) -> None:
         """DCP resume: the plan is re-applied (and the wrapping synced) before the optimizer state loads,
@@ -289,6 +378,7 @@ class Trainer:
         self.step = int(state["step"])
         if self.layerlock.next_step != self.step:
             raise CheckpointError(f"{ckpt_dir}: LayerLock state is at step {self.layerlock.next_step}, trainer at {self.step}")
+        return int(state["config"]["train"]["steps"])
 
     # -- one training step ----------------------------------------------------------------------------
     def train_step(self, video: torch.Tensor) -> dict[str, float]:
@@ -324,9 +414,11 @@ class Trainer:
             loss_sum = d if loss_sum is None else loss_sum + d
             p = torch.tensor([v / accum for v in parts.values()])
             parts_sum = p if parts_sum is None else parts_sum + p
-        # One all-reduce for the logged loss, its parts and the guard's finite check: every rank sees the
-        # global mean and so takes the same guard decision.
-        means = all_reduce_mean(torch.cat([loss_sum.reshape(1).float().cpu(), parts_sum]).to(self.device), env).cpu()
+        # One all-reduce for the logged loss, its parts, the guard's finite check and a stop request: every
+        # rank sees the global mean and so takes the same guard decision and stops at the same step.
+        stop = torch.tensor([float(self.stop.requested)])
+        means = all_reduce_mean(torch.cat([loss_sum.reshape(1).float().cpu(), parts_sum, stop]).to(self.device), env).cpu()
+        means, self.stop_agreed = means[:-1], bool(means[-1] > 0)
         global_loss = means[0]
         grad_norm = 0.0
         if cfg.optim.grad_clip > 0:
@@ -343,11 +435,21 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train to ``train.steps``, then probe and plot. ``stop_after`` ends early after that step with
-        a checkpoint and nothing else, as a preempted job would (resume continues exactly)."""
+        a checkpoint and nothing else, keeping the LR and freeze schedule of ``train.steps`` (resume
+        continues exactly). The first SIGINT (Ctrl-C) does the same after the step in progress."""
         cfg, main = self.config, self.env.is_main
-        end = cfg.train.steps if stop_after is None else min(stop_after, cfg.train.steps)
+        self.check_stop_after(stop_after)
+        end = cfg.train.steps if stop_after is None else stop_after
+        self._prepare_folder()
+        for line in self._resumed_events:
+            self.echo(f"[layerlock] {line}")
+        self._resumed_events = []
         if main:
             self._start_logs()
+        if self.log_source is not None:
+            # A fork: its folder holds the resumed state from the start, independent of the source.
+            self.save_checkpoint()
+            self.log_source = None
         sampler = RankBatchSampler(StepBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.seed, self.step, end),
                                    self.env.rank, self.env.world_size)
         loader = DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers,
@@ -363,7 +465,9 @@ class Trainer:
         # Throughput goes to its own file: metrics.jsonl stays identical between a run and its resume.
         speed_file = open(self.out / "throughput.jsonl", "a") if main else None
         speed: list[dict[str, float]] = []
+        self.stop = StopRequest()
         try:
+            self.stop.__enter__()
             for batch, _ in zip(loader, bar):
                 self.throughput.start_step()
                 window.append(self.train_step(batch["video"].to(self.device, non_blocking=True)))
@@ -384,9 +488,12 @@ class Trainer:
                     if hasattr(bar, "set_postfix"):
                         bar.set_postfix(loss=f"{row['loss']:.4f}", frozen=int(row["layerlock/num_frozen"]),
                                         target=self.layerlock.heads()[-1])
-                if self.step % cfg.train.ckpt_every == 0 or self.step == end:
+                if self.step % cfg.train.ckpt_every == 0 or self.step == end or self.stop_agreed:
                     self.save_checkpoint()
+                if self.stop_agreed:
+                    break
         finally:
+            self.stop.__exit__()
             for f in (metrics_file, speed_file):
                 if f is not None:
                     f.close()
@@ -394,7 +501,8 @@ class Trainer:
                 bar.close()
             self.echo = caller_echo
         if self.step < cfg.train.steps:
-            return {"method": cfg.method, "stopped_at": self.step, "events": self.events}
+            return {"method": cfg.method, "stopped_at": self.step, "events": self.events,
+                    "interrupted": self.stop_agreed}
         train_seconds = time.perf_counter() - started
         summary: dict[str, Any] = {"method": cfg.method, "steps": cfg.train.steps, "train_seconds": round(train_seconds, 1),
                                    "events": self.events}
@@ -406,19 +514,33 @@ class Trainer:
                 return summary
         if cfg.probe_enabled and cfg.data_source == "digits":
             summary["probes"] = self.run_probes()
+        if cfg.schedule.kind == "adaptive" and cfg.layerlock().freeze:
+            decided = [e for e in read_jsonl(self.out / "events.jsonl") if e["newly_frozen"]]  # resumed runs too
+            summary["adaptive"] = {"events": len(decided)}
+            if not decided:
+                note = (f"the adaptive schedule decided no freeze event in {cfg.train.steps} steps (no block met its "
+                        f"convergence signal and schedule.adaptive.max_pixel_steps is "
+                        f"{cfg.schedule.adaptive.max_pixel_steps}): the run stayed on the pixel target")
+                summary["adaptive"]["note"] = note
+                self.echo(f"note: {note}")
         self.write_plots()
         with open(self.out / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
         return summary
 
     def _start_logs(self) -> None:
-        """Rank 0: write config.yaml, start fresh logs or drop rows written after the resumed checkpoint."""
-        if self.step == 0 and ((self.out / "checkpoint.pt").exists() or dcp.has_dcp(self.out)):
-            self.echo(f"warning: {self.out} holds an earlier run; starting over in it (use --resume to continue it)")
+        """Rank 0: write config.yaml; start fresh logs, or keep the rows of the resumed run up to its
+        checkpoint (read from the source folder when forking). A killed run may have logged past its last
+        checkpoint (and torn its last line): those rows are dropped, so the logs match the uninterrupted run."""
+        source = self.log_source or self.out
         dump_config(self.config, self.out / "config.yaml")
-        for name in ("metrics.jsonl", "events.jsonl", "throughput.jsonl"):
-            kept = [r for r in read_jsonl(self.out / name) if r["step"] <= self.step and not r.get("resumed")]
-            (self.out / name).write_text("".join(json.dumps(r) + "\n" for r in kept if self.step > 0))
+        # Rows carry the step count after their step; an event carries the step it happened in, which is
+        # not done yet at a checkpoint of that step count.
+        keep = {"metrics.jsonl": lambda r: r["step"] <= self.step, "throughput.jsonl": lambda r: r["step"] <= self.step,
+                "events.jsonl": lambda r: r["step"] < self.step and not r.get("resumed")}
+        for name, kept in keep.items():
+            rows = [r for r in read_jsonl(source / name) if kept(r)] if self.step > 0 else []
+            (self.out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def _log_row(self, window: list[dict[str, float]], started: float) -> dict[str, Any]:
         keys = {k for r in window for k in r}
@@ -474,13 +596,6 @@ class Trainer:
             explicit = FreezeSchedule(self.config.schedule, self.layerlock.schedule.num_layers).events()
             plot_adaptive_signals(rows, events, plots / "adaptive_signals.png", explicit_events=explicit,
                                   total_steps=self.config.train.steps)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _progress(iterable: range, enabled: bool, initial: int, total: int):
