@@ -46,7 +46,8 @@ from _common import RESULTS, mean_std, provenance, write_json  # noqa: E402
 
 from layerlock_plugin.reference.config import load_config  # noqa: E402
 from layerlock_plugin.reference.plots import plot_adaptive_signals  # noqa: E402
-from layerlock_plugin.reference.trainer import Trainer, read_jsonl  # noqa: E402
+from layerlock_plugin.reference.run_folder import read_jsonl  # noqa: E402
+from layerlock_plugin.reference.trainer import Trainer  # noqa: E402
 
 SCHEDULES = ["explicit", "too-early", "too-late", "adaptive"]
 METRICS = [("motion_acc", "motion acc", True), ("appearance_acc", "appearance acc", True),

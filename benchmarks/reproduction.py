@@ -44,7 +44,8 @@ from _common import RESULTS, aggregate_seeds, figure, provenance, save_figure, s
 from layerlock_plugin.collapse import feature_stats  # noqa: E402
 from layerlock_plugin.reference.config import load_config  # noqa: E402
 from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
-from layerlock_plugin.reference.trainer import Trainer, read_jsonl  # noqa: E402
+from layerlock_plugin.reference.run_folder import read_jsonl  # noqa: E402
+from layerlock_plugin.reference.trainer import Trainer  # noqa: E402
 
 #: variant name -> (trainer method, extra overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {

@@ -100,7 +100,7 @@ def resolve_config(args: argparse.Namespace):
     shortcut flags; ``out_dir`` is the resumed run's folder or, for a new run, a fresh default."""
     resume_dir = None
     if args.resume:
-        from .trainer import config_from_checkpoint
+        from .checkpointing import config_from_checkpoint
 
         checkpoint, resume_dir = resume_source(args.resume)
         if resume_dir is None and not _names_out_dir(args):
