@@ -388,9 +388,11 @@ class Trainer:
             self._resumed_events.append(event.describe())
             return
         self.echo(f"[layerlock] {event.describe()}")
+        self._prepare_folder()  # also when a caller drives train_step without fit
         self.log.event(self.events[-1])
 
     def save_checkpoint(self) -> Path:
+        self._prepare_folder()
         return self.checkpointer.save()
 
     # -- evaluation and plots -----------------------------------------------------------------------------
