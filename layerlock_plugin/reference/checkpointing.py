@@ -10,6 +10,7 @@ that differ; only the fields in :data:`RESUMABLE_CHANGES` may change.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +19,14 @@ import torch
 from ..checkpoint import check_model_state, load_checkpoint, require_keys, save_atomic
 from ..errors import CheckpointError
 from . import dcp
+from .run_folder import CHECKPOINT_FILE, HISTORY_PREFIX
 
 CHECKPOINT_FORMAT = "layerlock-reference/1"
 DCP_FORMAT = "layerlock-reference-dcp/1"
 # Fields that may differ between a checkpoint and the run that resumes it (train.steps only explicitly:
 # see Trainer's budget check).
-RESUMABLE_CHANGES = ("out_dir", "train.steps", "train.log_every", "train.ckpt_every", "train.num_workers",
+RESUMABLE_CHANGES = ("out_dir", "train.steps", "train.log_every", "train.ckpt_every", "train.ckpt_every_minutes",
+                     "train.keep_last", "train.tensorboard", "train.wandb", "train.num_workers",
                      "train.threads", "train.progress", "probe", "train.activation_checkpointing",
                      "train.compile", "train.peak_tflops", "train.dist_timeout_s")
 
@@ -77,6 +80,7 @@ class Checkpointer:
 
     def __init__(self, trainer: Any):
         self.t = trainer
+        self.saved_step: int | None = None  # step of the newest checkpoint.pt this run wrote or resumed from
 
     @property
     def uses_dcp(self) -> bool:
@@ -89,13 +93,31 @@ class Checkpointer:
 
     def save(self) -> Path:
         t = self.t
+        keep = t.config.train.keep_last
         if not self.uses_dcp:
             state = {"format": CHECKPOINT_FORMAT, **self._common(), "model": t.model.state_dict(),
                      "optimizer": t.optimizer.state_dict(),
                      "rng": {**rng_state(t.device), "mask": t.mask_generator.get_state()}}
-            return save_atomic(state, t.out / "checkpoint.pt")
+            return self._save_file(state, keep)
         trainer_state = {"format": DCP_FORMAT, **self._common(), "mask_rng": t.mask_generator.get_state()}
-        return dcp.save(t.out, t.step, t.model, t.optimizer, trainer_state, t.env, rng_state(t.device))
+        return dcp.save(t.out, t.step, t.model, t.optimizer, trainer_state, t.env, rng_state(t.device), keep)
+
+    def _save_file(self, state: dict[str, Any], keep: int) -> Path:
+        """``checkpoint.pt`` is always the newest; with ``keep > 1`` the one it replaces stays as
+        ``checkpoint.step_<step>.pt`` (a hard link: no copy), and the oldest beyond ``keep`` are removed
+        only once the new one is complete."""
+        out = self.t.out
+        current = out / CHECKPOINT_FILE
+        if keep > 1 and self.saved_step is not None and self.saved_step != state["step"] and current.is_file():
+            older = out / f"{HISTORY_PREFIX}{self.saved_step:08d}.pt"
+            older.unlink(missing_ok=True)
+            os.link(current, older)
+        path = save_atomic(state, current)
+        self.saved_step = state["step"]
+        history = sorted(out.glob(f"{HISTORY_PREFIX}*.pt"))
+        for old in history[: max(0, len(history) - (keep - 1))]:
+            old.unlink()
+        return path
 
     def resume(self, path: Path) -> int:
         """Restore from ``path`` (see :func:`.run_folder.resume_source`); returns the resumed run's budget
@@ -119,6 +141,8 @@ class Checkpointer:
         t.scheduler.load_state_dict(ckpt["scheduler"])
         restore_rng(ckpt["rng"], t.device)
         t.mask_generator.set_state(ckpt["rng"]["mask"].cpu())
+        if file.name == CHECKPOINT_FILE:
+            self.saved_step = int(ckpt["step"])
         return self._resumed_at(int(ckpt["step"]), ckpt["config"], file)
 
     def _resume_dcp(self, path: Path) -> int:

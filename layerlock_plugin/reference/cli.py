@@ -21,7 +21,6 @@ from pathlib import Path
 from ..errors import ConfigError, LayerLockError
 from .config import apply_overrides, build_config, dump_config, load_yaml
 from .run_folder import default_run_dir, resume_source
-from .stop import INTERRUPTED_EXIT_CODE
 
 PROG = "layerlock-train"
 EPILOG = """examples:
@@ -213,13 +212,14 @@ def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
     finally:
         if trainer is not None:
             teardown(trainer.env)
+    code = trainer.stop.exit_code if summary.get("interrupted") else 0
     if not trainer.env.is_main:
-        return INTERRUPTED_EXIT_CODE if summary.get("interrupted") else 0
+        return code
     if "stopped_at" in summary:
         why = f"by {trainer.stop.signal_name}" if summary["interrupted"] else "as asked (--stop-after)"
         print(f"stopped after step {summary['stopped_at']} {why}; checkpoint written. Continue with: "
               f"{PROG} --resume {config.out_dir}")
-        return INTERRUPTED_EXIT_CODE if summary["interrupted"] else 0
+        return code
     wall = time.perf_counter() - started
     print(f"done in {wall:.0f} s (training {summary['train_seconds']:.0f} s). Run folder: {config.out_dir}")
     if "probes" in summary:

@@ -62,11 +62,33 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class WandbConfig:
+    """Weights & Biases logging (rank 0), off unless ``project`` is set; ``mode: offline`` needs no network
+    (``wandb sync`` uploads later). Needs ``pip install "layerlock-plugin[wandb]"``."""
+
+    project: str | None = None
+    mode: str = "online"  # online | offline
+    entity: str | None = None
+    name: str | None = None  # the run's display name; default: the run folder's name
+
+    def __post_init__(self) -> None:
+        for field_name in ("project", "entity", "name"):
+            value = getattr(self, field_name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"train.wandb.{field_name}", f"must be a non-empty string or null, got {value!r}")
+        v.one_of("train.wandb.mode", self.mode, ("online", "offline"))
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1500
     batch_size: int = 32
     log_every: int = 10
-    ckpt_every: int = 500
+    ckpt_every: int = 500  # steps between checkpoints
+    ckpt_every_minutes: float = 0.0  # also checkpoint when this much time passed since the last one (0 = off)
+    keep_last: int = 2  # complete checkpoints kept; older ones are removed once a newer one is complete
+    tensorboard: bool | str = "auto"  # TensorBoard scalars + plots in <run>/tb: true | false | auto (if installed)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     progress: bool = True
@@ -87,6 +109,12 @@ class TrainConfig:
         v.positive_int("train.batch_size", self.batch_size)
         v.positive_int("train.log_every", self.log_every)
         v.positive_int("train.ckpt_every", self.ckpt_every)
+        v.non_negative_float("train.ckpt_every_minutes", self.ckpt_every_minutes)
+        v.positive_int("train.keep_last", self.keep_last)
+        if not isinstance(self.wandb, WandbConfig):
+            raise ConfigError("train.wandb", f"must be a mapping of project, mode, entity, name; got {self.wandb!r}")
+        if self.tensorboard not in (True, False, "auto"):
+            raise ConfigError("train.tensorboard", f"must be true, false or auto, got {self.tensorboard!r}")
         v.non_negative_int("train.num_workers", self.num_workers)
         v.non_negative_int("train.threads", self.threads)
         v.boolean("train.progress", self.progress)

@@ -43,7 +43,6 @@ DCP_DIR = "dcp"
 LATEST = "latest"
 TRAINER_FILE = "trainer.pt"
 ENCODER_FORMAT = "layerlock-encoder/1"
-KEEP = 2  # complete checkpoints kept; older ones are deleted once a newer one is latest
 
 
 def step_dir_name(step: int) -> str:
@@ -81,9 +80,9 @@ def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         trainer_state: dict[str, Any], env: DistEnv, rng: dict[str, torch.Tensor]) -> Path:
+         trainer_state: dict[str, Any], env: DistEnv, rng: dict[str, torch.Tensor], keep: int = 2) -> Path:
     """Collective: every rank writes its shards and its ``rng`` (generator states), rank 0 the trainer state
-    and then ``latest``."""
+    and then ``latest``; then the complete checkpoints beyond the newest ``keep`` are removed."""
     root = Path(run_dir) / DCP_DIR
     ckpt_dir = root / step_dir_name(step)
     if env.is_main and ckpt_dir.exists():  # a re-save of the same step (e.g. after a resume)
@@ -100,7 +99,7 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         tmp.write_text(ckpt_dir.name + "\n")
         os.replace(tmp, root / LATEST)
         done = sorted(p for p in root.glob("step_*") if p.is_dir())
-        for old in [p for p in done if p.name < ckpt_dir.name][: max(0, len(done) - KEEP)]:
+        for old in [p for p in done if p.name < ckpt_dir.name][: max(0, len(done) - keep)]:
             shutil.rmtree(old, ignore_errors=True)
     barrier(env)
     return ckpt_dir

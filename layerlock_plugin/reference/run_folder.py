@@ -30,11 +30,14 @@ DCP_DIR = "dcp"
 #: a dot and the name of the file they replace).
 RUN_FILES = ("config.yaml", "metrics.jsonl", "events.jsonl", "throughput.jsonl", CHECKPOINT_FILE, "encoder.pt",
              "probes.json", "summary.json")
-RUN_DIRS = ("plots", DCP_DIR)
+RUN_DIRS = ("plots", DCP_DIR, "tb", "wandb")
+#: Earlier checkpoints kept beside checkpoint.pt (``train.keep_last``): ``checkpoint.step_00000500.pt``.
+HISTORY_PREFIX = "checkpoint.step_"
 
 
 def _is_run_entry(name: str) -> bool:
-    return name in RUN_FILES or name in RUN_DIRS or any(name.startswith(f".{f}.") for f in RUN_FILES)
+    return (name in RUN_FILES or name in RUN_DIRS or any(name.startswith(f".{f}.") for f in RUN_FILES)
+            or (name.startswith(HISTORY_PREFIX) and name.endswith(".pt")))
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ class RunLog:
 
     def __init__(self, folder: Path, enabled: bool):
         self.folder, self.enabled = folder, enabled
+        self.sinks: list[Any] = []  # TensorBoard / W&B (see :mod:`.metric_sinks`), opened by the trainer
         self._files: dict[str, IO[str]] = {}
         self._window: list[dict[str, float]] = []
         self._speed: list[dict[str, float]] = []
@@ -64,17 +65,31 @@ class RunLog:
             row[k] = sum(values) / len(values)
         row.update(extra)
         self._write(METRICS, row)
+        for sink in self.sinks:
+            sink.scalars(step, row)
         if self._speed:
             mean = {k: sum(r[k] for r in self._speed) / len(self._speed) for k in self._speed[-1] if k != "peak_mem_gb"}
             mean["peak_mem_gb"] = self._speed[-1]["peak_mem_gb"]
             self._write(THROUGHPUT, {"step": step, **{k: round(v, 6) for k, v in mean.items()}})
+            for sink in self.sinks:
+                sink.scalars(step, mean, prefix="throughput/")
         self._window, self._speed = [], []
         return row
 
+    def images(self, step: int, images: dict[str, Path]) -> None:
+        for sink in self.sinks:
+            sink.images(step, images)
+
     def close(self) -> None:
+        """Close the JSONL files (they reopen on the next write)."""
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+    def close_sinks(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
 
     def rows(self, name: str = METRICS) -> list[dict[str, Any]]:
         return read_jsonl(self.folder / name)

@@ -61,6 +61,7 @@ from .checkpointing import Checkpointer, config_from_checkpoint
 from .config import RunConfig, build_config, dump_config
 from .data import DigitsVideoDataset, VideoFolderDataset
 from .distributed import DistEnv, all_reduce_mean, barrier, check_batch, rank_seed, setup
+from .metric_sinks import check_sinks, open_sinks
 from .model import VideoMAE
 from .optim import cosine_with_warmup, param_groups
 from .parallelize import Parallelized, clip_grad_norm
@@ -98,6 +99,7 @@ class Trainer:
             raise ConfigError("out_dir", "must name the run folder (the CLI picks runs/<method>-<time> when --out is omitted)")
         self.out = Path(cfg.out_dir)
         checkpoint, self.log_source = self._plan_folder(resume, overwrite)
+        check_sinks(cfg.train)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
 
@@ -145,6 +147,9 @@ class Trainer:
                                      cfg.train.batch_size, cfg.target.context)
         self.checkpointer = Checkpointer(self)
         self.stop, self.stop_agreed = StopRequest(), False
+        self.ckpt_due = False  # train.ckpt_every_minutes passed on some rank (agreed like a stop request)
+        self._last_ckpt_time = time.monotonic()
+        self.applied_lr = 0.0  # the LR of the last optimizer step, switch-warmup factor included
         self._folder_ready = False
         self.resumed_step: int | None = None
         if checkpoint is not None:
@@ -178,6 +183,7 @@ class Trainer:
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip) \
             if self.config.optim.grad_clip > 0 else 0.0
         decision = self.layerlock.end_step(global_loss, targets)  # collapse guard: same decision on every rank
+        self.applied_lr = self.scheduler.get_last_lr()[0] * self.layerlock.warmup_factor(plan)
         if not decision.skip:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -216,13 +222,16 @@ class Trainer:
         return loss, parts, targets
 
     def reduce(self, loss_sum: torch.Tensor, parts_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One all-reduce for the logged loss, its parts, the guard's finite check and a stop request:
-        every rank sees the global mean, so takes the same guard decision and stops at the same step."""
-        stop = torch.tensor([float(self.stop.requested)])
-        means = all_reduce_mean(torch.cat([loss_sum.reshape(1).float().cpu(), parts_sum, stop]).to(self.device),
+        """One all-reduce for the logged loss, its parts, the guard's finite check, a stop request and a
+        time-based checkpoint: every rank sees the global mean, so takes the same guard decision and
+        stops or checkpoints at the same step (a flag raised on any rank has a mean above 0)."""
+        minutes = self.config.train.ckpt_every_minutes
+        due = minutes > 0 and time.monotonic() - self._last_ckpt_time >= 60 * minutes
+        flags = torch.tensor([float(self.stop.requested), float(due)])
+        means = all_reduce_mean(torch.cat([loss_sum.reshape(1).float().cpu(), parts_sum, flags]).to(self.device),
                                 self.env).cpu()
-        self.stop_agreed = bool(means[-1] > 0)
-        return means[0], means[1:-1]
+        self.stop_agreed, self.ckpt_due = bool(means[-2] > 0), bool(means[-1] > 0)
+        return means[0], means[1:-2]
 
     # -- the loop ----------------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -233,15 +242,27 @@ class Trainer:
         self.check_stop_after(stop_after)
         end = cfg.train.steps if stop_after is None else stop_after
         self._begin()
-        loader = self._loader(end)
+        try:
+            started = time.perf_counter()
+            self._train_until(end, started)
+            if self.step < cfg.train.steps:
+                return {"method": cfg.method, "stopped_at": self.step, "events": self.events,
+                        "interrupted": self.stop_agreed}
+            return self._finish(time.perf_counter() - started)
+        finally:
+            self.log.close_sinks()
+
+    def _train_until(self, end: int, started: float) -> None:
+        """The loop: steps, a log row every ``train.log_every``, checkpoints on schedule (steps or minutes),
+        at ``end`` and when a stop was requested (then the loop ends after that checkpoint)."""
+        cfg = self.config
         self.model.train()
-        started = time.perf_counter()
         caller_echo = self.echo
         mode = "auto" if cfg.train.progress and self.env.is_main else "off"
         with Progress(self.step, end, cfg.train.steps, mode, caller_echo) as progress, self.stop:
             self.echo = progress.write if self.env.is_main else self.echo  # print above the progress bar
             try:
-                for batch in loader:
+                for batch in self._loader(end):
                     self.throughput.start_step()
                     scalars = self.train_step(batch["video"].to(self.device, non_blocking=True))
                     plan = self.layerlock.plan
@@ -250,20 +271,16 @@ class Trainer:
                     progress.step()
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                         row = self.log.write_row(self.step, {
-                            "lr": self.scheduler.get_last_lr()[0], "elapsed_s": round(time.perf_counter() - started, 2),
+                            "lr": self.applied_lr, "elapsed_s": round(time.perf_counter() - started, 2),
                             **self.layerlock.metrics()})
                         progress.row(self.step, row["loss"], int(row["layerlock/num_frozen"]), self.layerlock.heads()[-1])
-                    if self.step % cfg.train.ckpt_every == 0 or self.step == end or self.stop_agreed:
+                    if self.step % cfg.train.ckpt_every == 0 or self.step == end or self.stop_agreed or self.ckpt_due:
                         self.save_checkpoint()
                     if self.stop_agreed:
                         break
             finally:
                 self.log.close()
                 self.echo = caller_echo
-        if self.step < cfg.train.steps:
-            return {"method": cfg.method, "stopped_at": self.step, "events": self.events,
-                    "interrupted": self.stop_agreed}
-        return self._finish(time.perf_counter() - started)
 
     def _begin(self) -> None:
         """Before the first step: make the folder, say what the resume restored, start the logs; a fork
@@ -275,6 +292,8 @@ class Trainer:
         if self.env.is_main:
             dump_config(self.config, self.out / "config.yaml")
         self.log.start(self.step, self.log_source)
+        if self.env.is_main:
+            self.log.sinks = open_sinks(self.out, self.config.train, self.config.to_dict(), self.step)
         if self.log_source is not None:
             self.save_checkpoint()
             self.log_source = None
@@ -310,6 +329,7 @@ class Trainer:
                 summary["adaptive"]["note"] = note
                 self.echo(f"note: {note}")
         self.write_plots()
+        self.log.images(self.step, {p.stem: p for p in sorted((self.out / "plots").glob("*.png"))})
         with open(self.out / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
         return summary
@@ -393,6 +413,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         self._prepare_folder()
+        self._last_ckpt_time = time.monotonic()
         return self.checkpointer.save()
 
     # -- evaluation and plots -----------------------------------------------------------------------------
