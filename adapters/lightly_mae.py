@@ -51,7 +51,6 @@ from layerlock_plugin.adapters.timm_vit import TimmViTEncoder
 from layerlock_plugin.controller import LayerLock, LayerLockConfig
 from layerlock_plugin.errors import EncoderStructureError, MissingDependencyError
 from layerlock_plugin.masking import subsample_indices
-from layerlock_plugin.schedule import Plan
 from layerlock_plugin.targets import PIXELS, head_name
 
 try:
@@ -61,7 +60,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without lightly
         "layerlock_plugin.adapters.lightly_mae needs lightly: pip install \"layerlock-plugin[lightly]\""
     ) from exc
 
-__all__ = ["LayerLockMAE", "LayerLockMAEOutput", "readout_layers"]
+__all__ = ["LayerLockMAE", "LayerLockMAEOutput"]
 
 
 class LayerLockMAEOutput(NamedTuple):
@@ -79,18 +78,6 @@ class LayerLockMAEOutput(NamedTuple):
     targets: dict[str, torch.Tensor]
     idx_keep: torch.Tensor
     idx_mask: torch.Tensor
-
-
-def readout_layers(controller: LayerLock) -> list[int]:
-    """Every latent target block the controller's schedule can ask for (one readout head each)."""
-    if controller.config.target.kind != "latent":
-        return []
-    layers: set[int] = set()
-    for depth in controller.schedule.depths:
-        plan = Plan(step=0, num_frozen=depth, target_layer=depth, stage=1, steps_since_switch=0,
-                    stem_frozen=False, is_switch=False)
-        layers.update(controller.selector.layers(plan))
-    return sorted(layers)
 
 
 def _check_lightly_modules(backbone: nn.Module, decoder: nn.Module) -> None:
@@ -159,7 +146,7 @@ class LayerLockMAE(nn.Module):
         self.layerlock = LayerLock(encoder, config, optimizer, tubelet=(1, *self.patch_size), total_steps=total_steps)
         decoder_dim = int(decoder.mask_token.shape[-1])
         self.readouts = nn.ModuleDict()
-        for k in readout_layers(self.layerlock):
+        for k in self.layerlock.readout_layers():
             head = nn.Linear(decoder_dim, vit.embed_dim)
             nn.init.xavier_uniform_(head.weight)
             nn.init.zeros_(head.bias)

@@ -126,8 +126,8 @@ def test_train_py_crosses_freeze_events_and_logs_layerlock_scalars(run):
         assert row["layerlock/warmup_factor"] == pytest.approx(factor), (it, row)
         # collapse statistics exist once the target is latent
         assert ("layerlock/effective_rank" in row) == (frozen > 0), (it, row)
-    assert "[layerlock] step 4: froze stem, block1 (1 blocks frozen); target -> layer_1" in log
-    assert "[layerlock] step 7: froze block2 (2 blocks frozen); target -> layer_2" in log
+    assert "[layerlock] step 4: froze stem, block_1 (1 blocks frozen); target -> layer_1" in log
+    assert "[layerlock] step 7: froze block_2 (2 blocks frozen); target -> layer_2" in log
 
 
 @pytest.mark.timeout(420)

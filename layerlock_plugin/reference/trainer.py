@@ -368,7 +368,7 @@ class Trainer:
                 self.throughput.start_step()
                 window.append(self.train_step(batch["video"].to(self.device, non_blocking=True)))
                 plan = self.layerlock.plan
-                speed.append(self.throughput.end_step(plan.num_frozen, self.layerlock.selector.layers(plan),
+                speed.append(self.throughput.end_step(plan.num_frozen, self.layerlock.target_layers(plan),
                                                       plan.stem_frozen))
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                     row = self._log_row(window, started)
