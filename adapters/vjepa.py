@@ -53,7 +53,8 @@ What it does:
 
 Encoders: V-JEPA's ``VisionTransformer`` (from the ``vjepa`` distribution, or a look-alike with
 ``patch_embed``, ``pos_embed``, ``blocks``, ``norm`` and ``interpolate_pos_encoding``) is wrapped by
-:class:`~layerlock_plugin.adapters.vjepa_encoders.VJEPAEncoder`; a timm ``VisionTransformer`` by
+:class:`~layerlock_plugin.adapters.vjepa_encoders.VJEPAEncoder`, V-JEPA 2's (``vjepa2``, RoPE inside
+attention) by :class:`~layerlock_plugin.adapters.vjepa_encoders.VJEPA2Encoder`; a timm ``VisionTransformer`` by
 :class:`~layerlock_plugin.adapters.timm_vit.TimmViTEncoder`; anything that implements the layered-encoder
 protocol is used as is. ``MultiMaskWrapper`` / DDP / ``torch.compile`` wrappers are looked through.
 
@@ -83,17 +84,19 @@ from layerlock_plugin.masking import mask_to_indices
 from layerlock_plugin.schedule import Plan, Schedule
 from layerlock_plugin.targets import gather_tokens, prefix_outputs
 
-from .vjepa_encoders import INSTALL_HINT, VJEPAEncoder, as_layered, require_vjepa, unwrap
+from .vjepa_encoders import INSTALL_HINT, VJEPA2Encoder, VJEPAEncoder, as_layered, require_vjepa, require_vjepa2, unwrap
 
 __all__ = [
     "LayerLockAdapter",
     "LayerLockDDP",
     "NamedEMA",
+    "VJEPA2Encoder",
     "VJEPAEncoder",
     "as_layered",
     "layer_targets",
     "normalize_masks",
     "require_vjepa",
+    "require_vjepa2",
     "unwrap",
     "INSTALL_HINT",
 ]
@@ -151,8 +154,9 @@ def layer_targets(
 ) -> list[torch.Tensor] | torch.Tensor:
     """Block ``layer``'s output of ``encoder`` on the full ``clips`` at ``masks`` (no autograd, eval mode).
 
-    ``clips [B, C, T, H, W]``; ``masks`` as in :func:`normalize_masks`. Returns ``[B_i, K_i, D]`` per mask
-    (a list if ``masks`` was a list, like V-JEPA's ``apply_masks(..., concat=False)``), with an
+    ``clips [B, C, T, H, W]``; ``masks`` as in :func:`normalize_masks`, or None for every token (``[B, N, D]``).
+    Returns ``[B_i, K_i, D]`` per mask (a list if ``masks`` was a list, like V-JEPA's
+    ``apply_masks(..., concat=False)``), with an
     affine-free ``F.layer_norm`` over ``D`` when ``layer_norm``. Runs the stem and blocks
     ``1..layer`` only.
     """
@@ -165,12 +169,19 @@ def layer_targets(
     h = prefix_outputs(encoder, clips, [layer])[layer]  # [B, N, D]
     if layer_norm:  # per token, so normalising before or after the gather is the same
         h = F.layer_norm(h, h.shape[-1:])
+    if masks is None:
+        return h
     index, was_list = normalize_masks(masks, h.shape[0], h.shape[1])
     out = []
     for m in index:
         reps = m.shape[0] // h.shape[0]
         out.append(gather_tokens(h.repeat(reps, 1, 1) if reps > 1 else h, m))
     return out if was_list else out[0]
+
+
+def _flat(items: Sequence[Any]) -> list[torch.Tensor]:
+    """Tensors of a nested list, in order."""
+    return [t for x in items for t in (_flat(x) if isinstance(x, (list, tuple)) else [x])]
 
 
 # ---------------------------------------------------------------------------------- EMA
@@ -330,17 +341,26 @@ class LayerLockAdapter:
             return self.fixed_target_layer
         return max(1, (plan or self.plan).target_layer)
 
-    def targets(self, clips: torch.Tensor, masks_pred: Any, plan: Plan | None = None) -> list[torch.Tensor] | torch.Tensor:
+    def targets(self, clips: torch.Tensor | Sequence[torch.Tensor], masks_pred: Any = None, plan: Plan | None = None) -> Any:
         """V-JEPA's ``forward_target`` for LayerLock: teacher block ``k`` (truncated forward, no autograd),
         affine-free layer norm, gathered at ``masks_pred``. ``clips [B, C, T, H, W]`` -> ``[B_i, K_i, D]``
-        per mask (a list if ``masks_pred`` is a list)."""
+        per mask (a list if ``masks_pred`` is a list), or all tokens ``[B, N, D]`` without ``masks_pred``
+        (V-JEPA 2's ``forward_target``: its ``loss_fn`` applies the masks). V-JEPA 2's multi-sequence
+        batches, a list of clip tensors (one per frames-per-clip), give a list with one result per clip
+        (``masks_pred`` then one entry per clip)."""
+        if isinstance(clips, (list, tuple)):
+            masks = [None] * len(clips) if masks_pred is None else list(masks_pred)
+            if len(masks) != len(clips):
+                raise ValueError(f"masks_pred: {len(masks)} entries for {len(clips)} clip tensors (one per clip tensor)")
+            return [self.targets(c, m, plan) for c, m in zip(clips, masks)]
         return layer_targets(self.teacher, clips, masks_pred, self.target_layer(plan), layer_norm=self.config.target.layer_norm)
 
     # -- after backward ----------------------------------------------------------------------
     def end_step(self, loss: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tensor] | None = None) -> GuardDecision:
         """Collapse guard on this step's loss and targets (every stage: V-JEPA targets are latent from
-        step 0). Skip ``optimizer.step()`` when the returned decision says ``skip``."""
-        return self.layerlock.end_step(loss, targets)
+        step 0; nested lists, as :meth:`targets` gives for V-JEPA 2, are flattened). Skip ``optimizer.step()``
+        when the returned decision says ``skip``."""
+        return self.layerlock.end_step(loss, _flat(targets) if isinstance(targets, (list, tuple)) else targets)
 
     def frozen_student_ids(self) -> frozenset[int]:
         return frozenset(id(p) for p in self.layerlock.freezer.frozen_parameters())

@@ -2,6 +2,8 @@
 
 :class:`VJEPAEncoder` wraps V-JEPA's ``VisionTransformer`` (the ``vjepa`` distribution, or a look-alike
 with ``patch_embed``, ``pos_embed``, ``blocks``, ``norm`` and ``interpolate_pos_encoding``);
+:class:`VJEPA2Encoder` wraps V-JEPA 2's (``vjepa2.models.vision_transformer``, the registry package
+``cc-vjepa2``), whose blocks apply 3D RoPE inside attention from each token's grid position;
 :func:`as_layered` picks the wrapper for a model after :func:`unwrap` looked through the host's
 wrappers. This module does not import ``vjepa``: it works on the modules you pass.
 """
@@ -19,7 +21,7 @@ from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, LayeredEncoder, b
 from layerlock_plugin.errors import ConfigError, EncoderStructureError, MissingDependencyError
 from layerlock_plugin.integration import LayerLockDDP
 
-__all__ = ["INSTALL_HINT", "VJEPAEncoder", "as_layered", "require_vjepa", "unwrap"]
+__all__ = ["INSTALL_HINT", "VJEPA2Encoder", "VJEPAEncoder", "as_layered", "require_vjepa", "require_vjepa2", "unwrap"]
 
 #: Host wrappers that hold the encoder as ``.backbone`` (V-JEPA's multi-mask, V-JEPA 2's multi-sequence).
 _BACKBONE_WRAPPERS = ("MultiMaskWrapper", "PredictorMultiMaskWrapper", "MultiSeqWrapper", "PredictorMultiSeqWrapper")
@@ -36,6 +38,18 @@ def require_vjepa():
             f"the V-JEPA example and tests need the official V-JEPA code: {INSTALL_HINT}"
         ) from exc
     return vjepa
+
+
+def require_vjepa2():
+    """Import and return the ``vjepa2`` package (registry package ``cc-vjepa2``), or raise naming the extra."""
+    try:
+        import vjepa2.models.vision_transformer  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError('the V-JEPA 2 example and tests need vjepa2: pip install "layerlock-plugin[vjepa]" '
+                                     '(the registry package cc-vjepa2)') from exc
+    import vjepa2
+
+    return vjepa2
 
 
 class VJEPAEncoder(nn.Module):
@@ -119,6 +133,31 @@ class VJEPAEncoder(nn.Module):
         return out
 
 
+class VJEPA2Encoder(VJEPAEncoder):
+    """V-JEPA 2's ``VisionTransformer`` as a LayerLock layered encoder (arguments as :class:`VJEPAEncoder`).
+
+    With ``use_rope`` (V-JEPA 2's models) there is no ``pos_embed``: each block rotates queries and keys
+    by the token's (t, h, w) grid position. The truncated forward runs the blocks on the full clip with
+    ``mask=None`` and the clip's grid ``T, H_patches, W_patches``, so every token gets the position V-JEPA
+    2's own full forward gives it; without ``use_rope`` the sincos ``pos_embed`` is added as in V-JEPA.
+    """
+
+    REQUIRED = ("patch_embed", "pos_embed", "blocks", "norm", "use_rope", "patch_size", "tubelet_size")
+
+    def embed(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``[B, C, T, H, W] -> [B, N, D]``: V-JEPA 2's stem without masks."""
+        m = self.model
+        return m.patch_embed(inputs) if m.use_rope else super().embed(inputs)
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """One block on all ``N`` tokens of ``inputs`` with the clip's token grid (RoPE positions)."""
+        m = self.model
+        grid = (inputs.shape[2] // m.tubelet_size if inputs.dim() == 5 else 1,
+                inputs.shape[-2] // m.patch_size, inputs.shape[-1] // m.patch_size)
+        t, h, w = grid if getattr(m, "handle_nonsquare_inputs", True) else (None, None, None)
+        return block(x, mask=None, attn_mask=None, T=t, H_patches=h, W_patches=w)
+
+
 def unwrap(module: nn.Module) -> nn.Module:
     """Look through DDP / ``LayerLockDDP`` (``.module``), ``torch.compile`` (``._orig_mod``) and
     V-JEPA's ``MultiMaskWrapper`` / V-JEPA 2's ``MultiSeqWrapper`` (``.backbone``) down to the encoder itself."""
@@ -140,11 +179,12 @@ def as_layered(model: nn.Module, teacher_norm: bool = False) -> LayeredEncoder:
     :class:`VJEPAEncoder` for V-JEPA ViTs, a ``TimmViTEncoder`` for timm ViTs."""
     inner = unwrap(model)
     if hasattr(inner, "layerlock_units") and hasattr(inner, "forward_prefix"):
-        if teacher_norm and not (isinstance(inner, VJEPAEncoder) and inner.apply_norm):
+        if teacher_norm and not (isinstance(inner, VJEPAEncoder) and inner.apply_norm):  # V-JEPA 2's too
             raise ConfigError("teacher_norm", f"is only supported for V-JEPA VisionTransformers, not {type(inner).__name__}")
         return inner
     if hasattr(inner, "interpolate_pos_encoding") and hasattr(inner, "blocks"):
-        return VJEPAEncoder(inner, apply_norm=teacher_norm)
+        cls = VJEPA2Encoder if hasattr(inner, "use_rope") else VJEPAEncoder  # only V-JEPA 2's ViT has use_rope
+        return cls(inner, apply_norm=teacher_norm)
     if hasattr(inner, "forward_intermediates") and hasattr(inner, "_pos_embed"):
         if teacher_norm:
             raise ConfigError("teacher_norm", "is only supported for V-JEPA VisionTransformers, not timm ViTs")

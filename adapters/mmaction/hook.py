@@ -139,6 +139,7 @@ class LayerLockHook(Hook):
             if not any(opt is o for o in ll.optimizers):
                 ll.attach_optimizer(opt)
                 opt.register_step_pre_hook(self._skip_if_tripped)
+        self._check_heads_optimized(runner)
         it = runner.iter
         state, self._loaded_state = self._loaded_state, None
         if it > 0:
@@ -187,6 +188,14 @@ class LayerLockHook(Hook):
         if self.controller is None:
             raise RuntimeError("LayerLockHook: before_run has not run (the hook must be registered with the runner)")
         return self.controller
+
+    def _check_heads_optimized(self, runner) -> None:
+        """Every readout must be in an optimizer, else it would stay at its random init while it is the target."""
+        held = {id(p) for opt in self._optimizers_of(runner) for g in opt.param_groups for p in g["params"]}
+        for name, p in self._model(runner).readouts.named_parameters():
+            if id(p) not in held:
+                raise ConfigError("optim_wrapper", f"the optimizer does not hold readouts.{name}: its constructor "
+                                  f"skipped it (was requires_grad switched off before the optimizer was built?)")
 
     def _skip_if_tripped(self, optimizer, args, kwargs) -> None:
         """Optimizer step pre-hook: under ``guard.policy='skip'`` a tripped step updates nothing."""

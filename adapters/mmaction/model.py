@@ -30,9 +30,11 @@ One step (``mode='loss'``), for a clip ``[B, C, T, H, W]`` with ``N`` tubelet to
 5. the loss (MSE, mean over heads) and the collapse guard (``controller.end_step``), before backward.
 
 Readout heads exist from the start for every target the run can use (``pixels``, ``layer_1`` ..
-``layer_{depth-1}``), so the optimizer built by mmengine already holds them: no param-group surgery
-at a switch and fixed checkpoint keys. Only the heads in use have ``requires_grad=True`` (the hook
-sets it), so DDP, rebuilt by the hook at each change, sees only parameters that get gradients.
+``layer_{depth-1}``) and all require grad when the model is built, so whatever optimizer constructor
+mmengine runs (``paramwise_cfg``, layer decay: they skip parameters that do not require grad) gives
+every head its per-parameter rules: no param-group surgery at a switch and fixed checkpoint keys.
+From ``before_train`` on only the heads in use have ``requires_grad=True`` (the hook sets it), so
+DDP, rebuilt by the hook at each change, sees only parameters that get gradients.
 
 The backbone's state-dict keys are exactly those of mmaction2's ``VisionTransformer`` under
 ``backbone.``; :mod:`.convert` extracts them for the stock VideoMAE fine-tuning configs.
@@ -48,7 +50,6 @@ import torch
 from torch import nn
 
 from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, block_name, check_layers
-from layerlock_plugin.integration import set_active_heads
 from layerlock_plugin.errors import ConfigError
 from layerlock_plugin.masking import random_masking, subsample_indices, tube_masking
 from layerlock_plugin.targets import PIXELS, gather_tokens, head_name
@@ -216,8 +217,7 @@ class LayerLockVideoMAE(BaseModel):
         heads = {PIXELS: nn.Linear(ddim, pt * ph * pw * in_ch)}
         heads.update({head_name(k): nn.Linear(ddim, dim) for k in range(1, self.encoder.num_layers)})
         self.readouts = nn.ModuleDict(heads)
-        self._init_decoder()
-        set_active_heads(self.readouts, [PIXELS])
+        self._init_decoder()  # every head requires grad until the hook's before_train (module docstring)
         self.layerlock = None  # the controller, attached by LayerLockHook
 
     def _init_decoder(self) -> None:
