@@ -297,3 +297,31 @@ def test_current_decoder_trains_across_a_switch_with_own_heads_and_both_decoders
     assert {"pixel_head.weight", "decoder_embed.weight", "readouts.layer_1.weight"} <= moved
     with pytest.raises(EncoderStructureError, match="only with MaskedVisionTransformerDecoderTIMM"):
         LayerLockMAE(MaskedVisionTransformerTIMM(vit=tiny_vit()), tiny_decoder(), config(), pixel_head=head)
+
+
+def test_both_decoders_give_the_same_step_with_the_same_weights():
+    """The current decoder path (decoder_embed -> mask tokens -> add_pos_embed -> decode -> pixel head) computes
+    what MAEDecoderTIMM's embed / decode / predict compute, given the same weights."""
+    torch.manual_seed(0)
+    vit = tiny_vit()
+    old = LayerLockMAE(MaskedVisionTransformerTIMM(vit=vit), tiny_decoder(), config())
+    new = LayerLockMAE(MaskedVisionTransformerTIMM(vit=vit), current_decoder(), config())
+    d_old, d_new = old.decoder, new.decoder
+    with torch.no_grad():
+        new.decoder_embed.load_state_dict(d_old.decoder_embed.state_dict())
+        new.pixel_head.load_state_dict(d_old.decoder_pred.state_dict())
+        d_new.mask_token.copy_(d_old.mask_token)
+        d_new.pos_embed.copy_(d_old.decoder_pos_embed)
+        d_new.blocks.load_state_dict(d_old.decoder_blocks.state_dict())
+        d_new.norm.load_state_dict(d_old.decoder_norm.state_dict())
+        new.readouts.load_state_dict(old.readouts.state_dict())
+    x = images(3)
+    keep, mask = old.random_mask(3)
+    for step in (0, 3):  # pixels, then layer_1
+        old.layerlock.begin_step(step)
+        new.layerlock.begin_step(step)
+        a, b = old(x, keep, mask), new(x, keep, mask)
+        assert list(a.predictions) == list(b.predictions)
+        for h in a.predictions:
+            torch.testing.assert_close(a.predictions[h], b.predictions[h])
+        torch.testing.assert_close(a.loss, b.loss)
