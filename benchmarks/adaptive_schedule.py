@@ -46,7 +46,8 @@ from _common import RESULTS, mean_std, provenance, write_json  # noqa: E402
 
 from layerlock_plugin.reference.config import load_config  # noqa: E402
 from layerlock_plugin.reference.plots import plot_adaptive_signals  # noqa: E402
-from layerlock_plugin.reference.trainer import Trainer, read_jsonl  # noqa: E402
+from layerlock_plugin.reference.run_folder import read_jsonl  # noqa: E402
+from layerlock_plugin.reference.trainer import Trainer  # noqa: E402
 
 SCHEDULES = ["explicit", "too-early", "too-late", "adaptive"]
 METRICS = [("motion_acc", "motion acc", True), ("appearance_acc", "appearance acc", True),
@@ -95,7 +96,7 @@ def run_one(name: str, seed: int, steps: int, out: Path, extra: list[str], threa
         if row.get("config") == config.to_dict():
             return row
     started = time.perf_counter()
-    trainer = Trainer(config, echo=lambda s: None)
+    trainer = Trainer(config, overwrite=True, echo=lambda s: None)  # an unfinished earlier try restarts
     flops_by_plan: dict[str, int] = {}
     trainer.train_step = counted_train_step(trainer, flops_by_plan)
     summary = trainer.fit()

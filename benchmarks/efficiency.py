@@ -302,7 +302,7 @@ def plugin_overhead(size: str, reps: int, tmp: Path) -> dict[str, Any]:
         tr = build_trainer(size, "layerlock", tmp / f"{size}-overhead", ["schedule.pixel_steps=100000"])
     video = sample_video(tr)
     model, opt = copy.deepcopy(tr.model), None
-    from layerlock_plugin.reference.trainer import cosine_with_warmup, param_groups
+    from layerlock_plugin.reference.optim import cosine_with_warmup, param_groups
 
     c = tr.config.optim
     opt = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=tuple(c.betas))

@@ -44,7 +44,8 @@ from _common import RESULTS, aggregate_seeds, figure, provenance, save_figure, s
 from layerlock_plugin.collapse import feature_stats  # noqa: E402
 from layerlock_plugin.reference.config import load_config  # noqa: E402
 from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
-from layerlock_plugin.reference.trainer import Trainer, read_jsonl  # noqa: E402
+from layerlock_plugin.reference.run_folder import read_jsonl  # noqa: E402
+from layerlock_plugin.reference.trainer import Trainer  # noqa: E402
 
 #: variant name -> (trainer method, extra overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {
@@ -116,7 +117,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     if row is not None:
         return row
     started = time.perf_counter()
-    trainer = Trainer(config, echo=lambda s: None)
+    trainer = Trainer(config, overwrite=True, echo=lambda s: None)  # an unfinished earlier try restarts
     summary = trainer.fit()
     rows = read_jsonl(out / "metrics.jsonl")
     tail = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]

@@ -58,7 +58,8 @@ def measure(strategy: str, depth: int, steps: int, batch: int, out: Path) -> dic
     """Train ``steps`` steps at a fixed frozen depth; time the last ones; count training memory."""
     from layerlock_plugin.reference.trainer import Trainer
 
-    trainer = Trainer(_config(strategy, depth, steps, batch, out / f"{strategy}_{depth}"), echo=lambda s: None)
+    trainer = Trainer(_config(strategy, depth, steps, batch, out / f"{strategy}_{depth}"), overwrite=True,
+                      echo=lambda s: None)
     cfg = trainer.config.model
     local = batch // trainer.env.world_size
     g = torch.Generator().manual_seed(0)

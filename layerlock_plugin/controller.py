@@ -47,7 +47,7 @@ from .errors import CheckpointError, ConfigError
 from .freezing import Freezer
 from .schedule import FreezeSchedule, Plan, RecordedSchedule, Schedule, ScheduleConfig
 from .targets import TargetConfig, TargetSelector, target_loss
-from .warmup import LRScaler, WarmupConfig, switch_warmup_factor
+from .warmup import LRScaler, WarmupConfig, switch_warmup_factor, warn_if_warmup_outlasts_switches
 
 #: The training methods of the paper's comparisons, as (freeze, target kind).
 METHODS: dict[str, tuple[bool, str]] = {
@@ -112,12 +112,24 @@ class LayerLockEvent:
 
     def describe(self) -> str:
         """One line for a log, e.g. ``step 600: froze stem, block_1 (1 blocks frozen); target -> layer_1``."""
+        if self.resumed:  # re-applied from the plan of the last completed step: the run continues at step + 1
+            frozen = f"{', '.join(self.newly_frozen)} frozen ({self.num_frozen} blocks); " if self.newly_frozen else ""
+            return f"resuming at step {self.step + 1}: {frozen}target {', '.join(self.heads)}"
         what = []
         if self.newly_frozen:
             what.append(f"froze {', '.join(self.newly_frozen)} ({self.num_frozen} blocks frozen)")
         what.append(f"target -> {', '.join(self.heads)}")
         tail = f" (adaptive: {self.reason})" if self.reason else ""
-        return f"{'resumed at' if self.resumed else 'step'} {self.step}: " + "; ".join(what) + tail
+        return f"step {self.step}: " + "; ".join(what) + tail
+
+
+def _shortest_switch_gap(config: ScheduleConfig, schedule: Schedule) -> int | None:
+    """Fewest steps between two target switches (None with fewer than two); an adaptive schedule's events
+    are not known ahead, but they are at least ``min_interval`` apart."""
+    if config.kind == "adaptive":
+        return config.adaptive.min_interval
+    steps = list(schedule.event_steps)
+    return min(b - a for a, b in zip(steps, steps[1:])) if len(steps) > 1 else None
 
 
 class LayerLock:
@@ -148,6 +160,8 @@ class LayerLock:
         self.schedule = schedule or build_schedule(self.config.schedule, units)
         if total_steps is not None and self.config.freeze:
             self.schedule.warn_if_longer_than(total_steps)
+        if self.config.freeze and self.config.target.kind == "latent":
+            warn_if_warmup_outlasts_switches(self.config.warmup, _shortest_switch_gap(self.config.schedule, self.schedule))
         self.freezer = Freezer(units)
         target = self.config.target
         if target.kind == "latent" and target.context == "sparse" and not accepts_token_idx(self.encoder):

@@ -7,6 +7,7 @@ never sees the multiplied value and keeps its own schedule exactly, chainable sc
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,15 @@ def switch_warmup_factor(config: WarmupConfig, plan: Plan, switches_target: bool
         return 1.0
     s = config.start_factor
     return s + (1.0 - s) * plan.steps_since_switch / config.steps
+
+
+def warn_if_warmup_outlasts_switches(config: WarmupConfig, shortest_gap: int | None) -> None:
+    """Warn once when a switch warmup is longer than the steps between two target switches: the next
+    switch restarts the ramp, so such a warmup never reaches the full LR."""
+    if shortest_gap is not None and config.steps > shortest_gap:
+        warnings.warn(f"warmup.steps: the switch warmup ({config.steps} steps) is longer than the {shortest_gap} steps "
+                      f"between two target switches, so it never finishes before the next switch restarts it; use "
+                      f"warmup.steps <= {shortest_gap}", UserWarning, stacklevel=3)
 
 
 class LRScaler:

@@ -58,6 +58,30 @@ def _full_params(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _fork_and_copy(root: Path, cfg, final: dict[str, torch.Tensor]) -> dict:
+    """A DCP run copied elsewhere resumes in the copy; resumed into another folder it forks. Either way
+    the source folder stays byte-identical, and the run ends as the uninterrupted one did."""
+    import torch.distributed as dist
+
+    from cli_helpers import checksums
+    from layerlock_plugin.reference.trainer import Trainer
+
+    source = root / "ddp_part"
+    if dist.get_rank() == 0:
+        shutil.copytree(source, root / "ddp_copy")
+    dist.barrier()
+    before = checksums(source)
+    out = {}
+    for name, resume in (("fork", source), ("copy", root / "ddp_copy")):
+        t = Trainer(cfg(f"ddp_{name}"), resume=resume, echo=lambda s: None)
+        t.fit()
+        params = _full_params(t.model)
+        out[f"{name}_equal"] = all(torch.equal(final[n], params[n]) for n in final)
+    dist.barrier()
+    out["source_untouched"] = checksums(source) == before
+    return out
+
+
 def _worker(root: Path) -> None:
     import torch.distributed as dist
 
@@ -94,6 +118,8 @@ def _worker(root: Path) -> None:
             torch.manual_seed(7)  # resume must not depend on the caller's RNG state
             part = Trainer(cfg(f"{name}_part"), **quiet)
             part.fit(stop_after=STOP)
+            if strategy == "ddp":
+                entry.update(_fork_and_copy(root, cfg, after))
             resumed = Trainer(cfg(f"{name}_part"), resume=root / f"{name}_part", **quiet)
             entry["resumed_at"] = resumed.step
             resumed.fit()
@@ -184,6 +210,18 @@ def test_distributed_resume_after_freeze_matches_uninterrupted(runs, name):
     assert strip(full) == strip(part)
     latest = (root / f"{name}_part" / "dcp" / "latest").read_text().strip()
     assert latest == "step_00000016" and (root / f"{name}_part" / "encoder.pt").is_file()
+
+
+@pytest.mark.timeout(480)
+def test_dcp_run_resumes_in_its_copy_and_forks_without_touching_the_source(runs):
+    root, report = runs
+    entry = report["ddp"]
+    assert entry["source_untouched"] and entry["fork_equal"] and entry["copy_equal"]
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    full = strip((root / "ddp_full" / "metrics.jsonl").read_text().splitlines())
+    for name in ("ddp_fork", "ddp_copy"):
+        assert strip((root / name / "metrics.jsonl").read_text().splitlines()) == full, name
+        assert (root / name / "dcp" / "latest").read_text().strip() == "step_00000016"
 
 
 @pytest.mark.timeout(480)

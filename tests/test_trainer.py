@@ -128,7 +128,7 @@ def test_resume_refuses_other_config_truncated_and_other_model(tmp_path):
     trunc = tmp_path / "trunc.pt"
     trunc.write_bytes(good[: len(good) // 3])
     with pytest.raises(CheckpointError, match="truncated, corrupt"):
-        Trainer(tiny_config(tmp_path / "a"), resume=trunc)
+        Trainer(tiny_config(tmp_path / "b"), resume=trunc)  # a file outside a run folder: resumed into a new one
     assert ckpt_file.read_bytes() == good, "a failed resume must not touch the run's checkpoint"
     assert main(["--resume", str(trunc), "--out", str(tmp_path / "b")]) == 2
 

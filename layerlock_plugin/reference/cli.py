@@ -1,4 +1,11 @@
-"""``layerlock-train``: the reference trainer's command line."""
+"""``layerlock-train``: the reference trainer's command line.
+
+Run folders (see :mod:`.run_folder`): a new run goes into ``--out`` (a fresh ``runs/<method>-<time>``
+when omitted), which must be new or empty unless ``--overwrite``; ``--resume RUN`` continues RUN in RUN
+and writes nowhere else; ``--resume RUN --out NEW`` forks the resumed state into NEW. A resume keeps the
+run's budget: ``--stop-after N`` stops early keeping the schedule, ``--extend N`` trains to N steps and
+says how the LR schedule changes. Bad input exits with code 2 and one line naming the field.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +13,60 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 from ..errors import ConfigError, LayerLockError
 from .config import apply_overrides, build_config, dump_config, load_yaml
+from .run_folder import default_run_dir, resume_source
+from .stop import INTERRUPTED_EXIT_CODE
 
+PROG = "layerlock-train"
 EPILOG = """examples:
-  layerlock-train                                  # main job: tiny LayerLock run on the embedded digits videos
+  layerlock-train --out runs/demo                  # main job: tiny LayerLock run on the embedded digits videos
   layerlock-train --method mae --out runs/mae      # the pixel-MAE baseline, same budget
-  layerlock-train --set schedule.interval=100 --set target.mode=multi
-  layerlock-train --resume runs/demo --set train.steps=3000
-  layerlock-train --config vit_g --dry-run --world-size 256   # size, freeze timeline, FLOPs, memory; no allocation
+  layerlock-train --set schedule.interval=100 --set target.mode=multi --set optim.lr=1e-3
+  layerlock-train --out runs/a --stop-after 600    # stop at step 600 keeping the 1500-step schedule
+  layerlock-train --resume runs/a                  # ... and continue it exactly, in runs/a
+  layerlock-train --resume runs/a --out runs/b     # continue a copy in runs/b; runs/a is not touched
+  layerlock-train --resume runs/demo --extend 3000 # train a finished run longer (prints the new LR curve)
+  layerlock-train --config vit_g --dry-run --world-size 256 --set train.strategy=fsdp   # size, FLOPs, memory
   torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli --set train.strategy=ddp  # or fsdp
 packaged configs: tiny (default), vit_b, vit_l, vit_g, vit_4ds_e
 methods: layerlock | mae | freeze-only | latent-naive (the collapse control)"""
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line (argparse would print the usage block first)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="layerlock-train", description="Pretrain a video ViT MAE with LayerLock (reference trainer).",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = _Parser(prog=PROG, description="Pretrain a video ViT MAE with LayerLock (reference trainer).",
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML config file, or the name of a packaged one (default: tiny)")
     p.add_argument("--method", help="layerlock | mae | freeze-only | latent-naive")
     p.add_argument("--steps", type=int, help="total training steps (train.steps)")
-    p.add_argument("--out", help="run folder (out_dir)")
+    p.add_argument("--out", help="run folder (out_dir); default for a new run: a fresh runs/<method>-<time>")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in --out even if it holds a run: the old run's files are removed first")
     p.add_argument("--seed", type=int)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="continue a run from its checkpoint (its config is used unless --config is given)")
-    p.add_argument("--no-probe", action="store_true", help="skip the frozen-feature probes at the end")
+                   help="continue a run from its checkpoint, in its own folder (its config is used unless "
+                        "--config is given); with --out NEW, continue a copy in NEW and leave the run untouched")
+    p.add_argument("--stop-after", type=int, metavar="N",
+                   help="stop after step N with a checkpoint, keeping the LR / freeze schedule of train.steps")
+    p.add_argument("--extend", type=int, metavar="N",
+                   help="with --resume: train the run to N steps (more than its budget); the LR schedule is "
+                        "recomputed for N steps and the change is printed")
+    probe = p.add_mutually_exclusive_group()
+    probe.add_argument("--no-probe", action="store_true", help="skip the frozen-feature probes at the end")
+    probe.add_argument("--probe", action="store_true",
+                       help="run the probes at the end (turns them back on for a run started with --no-probe)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in CI logs)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true",
@@ -47,70 +77,155 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace):
-    if args.resume and not args.config:
-        from .trainer import config_from_checkpoint
+def _check_flags(args: argparse.Namespace) -> None:
+    if args.extend is not None:
+        if not args.resume:
+            raise ConfigError("--extend", "continues a run: use it with --resume RUN")
+        if args.steps is not None:
+            raise ConfigError("--extend", "already sets train.steps; drop --steps")
+    if args.world_size < 1:
+        raise ConfigError("--world-size", f"must be a positive integer, got {args.world_size}")
+    if args.world_size != 1 and not args.dry_run:
+        raise ConfigError("--world-size", "sizes a --dry-run only; a real run takes its world size from torchrun")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ConfigError("--stop-after", f"must be a positive step number, got {args.stop_after}")
 
-        raw = config_from_checkpoint(args.resume)
+
+def _names_out_dir(args: argparse.Namespace) -> bool:
+    return args.out is not None or any(o.split("=", 1)[0].strip() == "out_dir" for o in args.overrides)
+
+
+def resolve_config(args: argparse.Namespace):
+    """The run's config: a file (or the checkpoint's config when resuming), ``--set`` overrides, the
+    shortcut flags; ``out_dir`` is the resumed run's folder or, for a new run, a fresh default."""
+    resume_dir = None
+    if args.resume:
+        from .checkpointing import config_from_checkpoint
+
+        checkpoint, resume_dir = resume_source(args.resume)
+        if resume_dir is None and not _names_out_dir(args):
+            raise ConfigError("--out", f"--resume {args.resume} is a checkpoint outside a run folder; name the folder "
+                                       "the resumed run writes into with --out NEW")
+        raw = load_yaml(args.config) if args.config else config_from_checkpoint(checkpoint)
     else:
         raw = load_yaml(args.config or "tiny")
     overrides = list(args.overrides)
-    for flag, key in (("method", "method"), ("steps", "train.steps"), ("out", "out_dir"), ("seed", "seed")):
+    for flag, key in (("method", "method"), ("steps", "train.steps"), ("extend", "train.steps"), ("out", "out_dir"),
+                      ("seed", "seed")):
         value = getattr(args, flag)
         if value is not None:
             overrides.append(f"{key}={value}")
-    if args.no_probe:
-        overrides.append("probe.enabled=false")
+    if args.no_probe or args.probe:
+        overrides.append(f"probe.enabled={str(args.probe).lower()}")
     if args.no_progress:
         overrides.append("train.progress=false")
+    if args.resume and not _names_out_dir(args):
+        overrides.append(f"out_dir={resume_dir}")  # the run continues where it lies, wherever it was first
     raw = apply_overrides(raw, overrides)
     if getattr(args, "dry_run", False) and (raw.get("data") or {}).get("source") == "folder":
         # The cost does not depend on the data: size the run without needing its video folder.
         raw["data"] = {"source": "digits", "num_videos": 1}
-    return build_config(raw)
+    config = build_config(raw)
+    if config.out_dir is None and not (args.print_config or args.dry_run):
+        import dataclasses
+
+        config = dataclasses.replace(config, out_dir=str(default_run_dir(config.method)))
+    return config
+
+
+class _PackageWarnings:
+    """The package's own warnings (e.g. a schedule longer than the run) as one line each, not a Python
+    warning with a file path; other packages' warnings are left as they are. Until :meth:`release`, they
+    are held back: a command refused for bad input prints its one error line and nothing else."""
+
+    def __init__(self) -> None:
+        self.package = str(Path(__file__).resolve().parents[1])
+        self.held: list[str] | None = []
+
+    def show(self, message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 (warnings' signature)
+        if not str(Path(filename).resolve()).startswith(self.package):
+            return self.default(message, category, filename, lineno, file, line)
+        text = f"{PROG}: warning: {message}"
+        if self.held is not None:
+            self.held.append(text)
+        else:
+            print(text, file=sys.stderr)
+
+    def release(self) -> None:
+        for text in self.held or []:
+            print(text, file=sys.stderr)
+        self.held = None
+
+    @contextmanager
+    def installed(self) -> Iterator[_PackageWarnings]:
+        self.default = warnings.showwarning
+        warnings.showwarning = self.show
+        try:
+            yield self
+        finally:
+            warnings.showwarning = self.default
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    with _PackageWarnings().installed() as package_warnings:
+        try:
+            return _run(args, package_warnings)
+        except LayerLockError as e:
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # a folder that cannot be created, a full disk, ...
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 2
+
+
+def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
+    _check_flags(args)
+    config = resolve_config(args)
+    if args.print_config:
+        dump_config(config, "/dev/stdout")
+        return 0
+    if args.dry_run:
+        from .dryrun import dry_run
+
+        dry_run(config, world_size=args.world_size)
+        package_warnings.release()
+        return 0
+    from .distributed import teardown
+    from .trainer import Trainer
+
+    started = time.perf_counter()
     trainer = None
     try:
-        config = resolve_config(args)
-        if args.print_config:
-            dump_config(config, "/dev/stdout")
-            return 0
-        if args.dry_run:
-            from .dryrun import dry_run
-
-            if args.world_size < 1:
-                raise ConfigError("--world-size", f"must be a positive integer, got {args.world_size}")
-            dry_run(config, world_size=args.world_size)
-            return 0
-        from .trainer import Trainer
-
-        started = time.perf_counter()
-        trainer = Trainer(config, resume=args.resume)
-        trainer.echo(f"layerlock-train: method={config.method} model="
+        trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, extend=args.extend is not None)
+        trainer.check_stop_after(args.stop_after)
+        package_warnings.release()  # the run is valid: what it warns about is worth saying
+        env = trainer.env
+        trainer.echo(f"{PROG}: method={config.method} model="
                      f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
                      f"params, {config.train.steps} steps x {config.train.batch_size} clips, run folder {config.out_dir}"
-                     + (f", {trainer.env.world_size} processes ({config.train.strategy}, {trainer.env.backend})"
-                        if trainer.env.distributed else "")
+                     + (f", {env.world_size} processes ({config.train.strategy}, {env.backend})" if env.distributed else "")
                      + (f", resuming at step {trainer.step}" if args.resume else ""))
-        summary = trainer.fit()
-    except LayerLockError as e:
-        print(f"layerlock-train: error: {e}", file=sys.stderr)
-        return 2
+        if args.resume and not config.probe_enabled:
+            trainer.echo("note: probes are off in this run's config (probe.enabled: false, e.g. from --no-probe); "
+                         "add --probe to run them at the end")
+        summary = trainer.fit(stop_after=args.stop_after)
     finally:
         if trainer is not None:
-            from .distributed import teardown
-
             teardown(trainer.env)
-    if trainer.env.is_main:
-        wall = time.perf_counter() - started
-        print(f"done in {wall:.0f} s (training {summary['train_seconds']:.0f} s). Run folder: {config.out_dir}")
-        if "probes" in summary:
-            pr = summary["probes"]
-            print("probes (frozen features): " + json.dumps(
-                {k: round(v, 4) for k, v in pr.items() if k.endswith(("_acc", "_chance", "_rmse", "_r2"))}))
+    if not trainer.env.is_main:
+        return INTERRUPTED_EXIT_CODE if summary.get("interrupted") else 0
+    if "stopped_at" in summary:
+        why = f"by {trainer.stop.signal_name}" if summary["interrupted"] else "as asked (--stop-after)"
+        print(f"stopped after step {summary['stopped_at']} {why}; checkpoint written. Continue with: "
+              f"{PROG} --resume {config.out_dir}")
+        return INTERRUPTED_EXIT_CODE if summary["interrupted"] else 0
+    wall = time.perf_counter() - started
+    print(f"done in {wall:.0f} s (training {summary['train_seconds']:.0f} s). Run folder: {config.out_dir}")
+    if "probes" in summary:
+        pr = summary["probes"]
+        print("probes (frozen features): " + json.dumps(
+            {k: round(v, 4) for k, v in pr.items() if k.endswith(("_acc", "_chance", "_rmse", "_r2"))}))
     return 0
 
 

@@ -16,6 +16,7 @@ Top-level sections (each error names the dotted path, e.g. ``optim.lr``)::
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -105,7 +106,7 @@ class TrainConfig:
 class RunConfig:
     method: str = "layerlock"
     seed: int = 0
-    out_dir: str = "runs/demo"
+    out_dir: str | None = None  # the run folder; None: the CLI picks a fresh runs/<method>-<time>
     model: ModelConfig = field(default_factory=lambda: ModelConfig.tiny())
     data: DigitsVideoConfig | VideoFolderConfig = field(default_factory=DigitsVideoConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -120,8 +121,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         v.one_of("method", self.method, METHODS)
         v.non_negative_int("seed", self.seed)
-        if not isinstance(self.out_dir, str) or not self.out_dir:
-            raise ConfigError("out_dir", f"must be a folder path, got {self.out_dir!r}")
+        if self.out_dir is not None and (not isinstance(self.out_dir, str) or not self.out_dir):
+            raise ConfigError("out_dir", f"must be a folder path (or null: a fresh runs/<method>-<time>), got {self.out_dir!r}")
         m, d = self.model, self.data
         for name, want in (("num_frames", m.num_frames), ("size", m.img_size), ("channels", m.in_chans)):
             have = getattr(d, name, want)
@@ -197,6 +198,39 @@ def packaged_config_path(name: str) -> Path:
     return Path(str(resources.files("layerlock_plugin.reference") / "configs" / f"{name}.yaml"))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 as PyYAML reads it, plus numbers in scientific notation without a dot (``1e-3``, ``5E4``),
+    which PyYAML would read as strings. Such a number is an int when it is whole and has no dot or
+    negative exponent (``5e4`` -> 50000, so it fits integer fields), else a float (``1e-3`` -> 0.001)."""
+
+
+_SCIENTIFIC = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")
+
+
+def _scientific(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int | float:
+    text = loader.construct_scalar(node)
+    value = float(text)
+    whole = "." not in text and "-" not in text.lower().split("e", 1)[1]
+    return int(value) if whole else value
+
+
+_Loader.add_implicit_resolver("tag:layerlock,2026:scientific", _SCIENTIFIC, list("-+0123456789"))
+_Loader.add_constructor("tag:layerlock,2026:scientific", _scientific)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text; a syntax error becomes one :class:`ConfigError` line naming ``source``, the line
+    and the column (``--config run.yaml: line 3, column 7: mapping values are not allowed here``)."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise ConfigError(source, f"{where}{e.problem or e.context or 'invalid YAML'}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(source, f"invalid YAML: {str(e).splitlines()[0]}") from None
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -204,23 +238,36 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         if shipped.is_file():
             path = shipped
         else:
-            raise ConfigError("--config", f"no such file: {path} (and no packaged config of that name)")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+            what = "a folder, not a file" if path.is_dir() else "no such file"
+            raise ConfigError("--config", f"{path}: {what} (and no packaged config of that name: "
+                                          f"{', '.join(packaged_config_names())})")
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("--config", f"{path}: cannot read it as text ({type(e).__name__}: {e})") from None
+    raw = parse_yaml(text, f"--config {path}") or {}
     if not isinstance(raw, dict):
         raise ConfigError("--config", f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return raw
 
 
+def packaged_config_names() -> list[str]:
+    folder = resources.files("layerlock_plugin.reference") / "configs"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` overrides (values parsed as YAML: ``3``, ``0.5``, ``[2,8,8]``, ``true``)."""
+    """Apply ``section.key=value`` overrides (values parsed as YAML: ``3``, ``0.5``, ``1e-3``, ``[2,8,8]``, ``true``)."""
     raw = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in raw.items()}
     for item in overrides:
         if "=" not in item:
             raise ConfigError("--set", f"expected key=value, got {item!r}")
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text)
-        parts = key.strip().split(".")
+        key = key.strip()
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError("--set", f"expected a dotted field name such as optim.lr before '=', got {key!r}")
+        value = parse_yaml(text, f"--set {key}")
         data = raw.get("data")
         if parts == ["data", "source"] and isinstance(data, dict) and value != data.get("source", "digits"):
             # another data source: the base config's data fields belong to the old source (e.g. the

@@ -81,8 +81,9 @@ def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         trainer_state: dict[str, Any], env: DistEnv) -> Path:
-    """Collective: every rank writes its shards and RNG, rank 0 the trainer state and then ``latest``."""
+         trainer_state: dict[str, Any], env: DistEnv, rng: dict[str, torch.Tensor]) -> Path:
+    """Collective: every rank writes its shards and its ``rng`` (generator states), rank 0 the trainer state
+    and then ``latest``."""
     root = Path(run_dir) / DCP_DIR
     ckpt_dir = root / step_dir_name(step)
     if env.is_main and ckpt_dir.exists():  # a re-save of the same step (e.g. after a resume)
@@ -90,9 +91,6 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
     barrier(env)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(ckpt_dir))
-    rng = {"torch": torch.get_rng_state()}
-    if env.device.type == "cuda":
-        rng["cuda"] = torch.cuda.get_rng_state(env.device)
     save_atomic(rng, ckpt_dir / f"rng_rank{env.rank}.pt")
     if env.is_main:
         save_atomic({**trainer_state, "world_size": env.world_size}, ckpt_dir / TRAINER_FILE)
@@ -121,16 +119,11 @@ def load_model_and_optimizer(ckpt_dir: Path, model: torch.nn.Module, optimizer: 
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def load_rng(ckpt_dir: Path, env: DistEnv, saved_world_size: int) -> bool:
-    """Restore this rank's torch RNG; False (nothing restored) when the world size changed."""
-    file = ckpt_dir / f"rng_rank{env.rank}.pt"
+def load_rng(ckpt_dir: Path, env: DistEnv, saved_world_size: int) -> dict[str, torch.Tensor] | None:
+    """This rank's saved generator states; None when the world size changed (the streams cannot match)."""
     if saved_world_size != env.world_size:
-        return False
-    rng = load_checkpoint(file)
-    torch.set_rng_state(rng["torch"].cpu())
-    if "cuda" in rng and env.device.type == "cuda":
-        torch.cuda.set_rng_state(rng["cuda"].cpu(), env.device)
-    return True
+        return None
+    return load_checkpoint(ckpt_dir / f"rng_rank{env.rank}.pt")
 
 
 def encoder_keys(model_cfg: Any, keys: list[str]) -> list[str]:

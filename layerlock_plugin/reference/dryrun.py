@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
 from ..masking import num_masked
 from ..schedule import Plan, Schedule
 from .model import ModelConfig, VideoMAE
@@ -116,7 +117,13 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
     """Print (through ``echo``) and return the run's size, freeze timeline and per-phase costs."""
     from ..controller import LayerLock
 
+    from .distributed import check_batch
+
     cfg, m = config, config.model
+    if world_size > 1 and cfg.train.strategy == "none":
+        raise ConfigError("train.strategy", f"'none' runs one process; --world-size {world_size} needs 'ddp' or "
+                                            "'fsdp' (e.g. --set train.strategy=fsdp)")
+    micro = check_batch(cfg.train.batch_size, cfg.train.grad_accum, world_size)  # the same check as a real run
     model = build_meta(cfg)
     assert all(p.is_meta for p in model.parameters())  # nothing was allocated
     params = sum(p.numel() for p in model.parameters())
@@ -127,7 +134,6 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
     events = [(s, d) for s, d in zip(schedule.event_steps, schedule.depths)] if ll.config.freeze else []
     tok = Tokens.of(m, cfg.target.loss_fraction)
     bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and cfg.train.device != "cpu")
-    micro = max(1, cfg.train.batch_size // (world_size * cfg.train.grad_accum))
     block_params = sum(p.numel() for p in model.blocks[0].parameters())
     stem_params = sum(p.numel() for p in model.patch_embed.parameters())
     readout = {name: sum(p.numel() for p in r.parameters()) for name, r in model.readouts.items()}

@@ -26,7 +26,6 @@ import einops
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
 from torch import nn
 
 from .. import _validate as V
@@ -100,7 +99,7 @@ class ModelConfig:
                 f"must be less than depth={self.depth} (the encoder needs at least one block), "
                 f"got {self.decoder_depth}",
             )
-        self.mask_ratio = self._open_fraction(f + "mask_ratio", self.mask_ratio)
+        self.mask_ratio = self._mask_ratio(f + "mask_ratio", self.mask_ratio)
         self.drop_path = self._open_fraction(f + "drop_path", self.drop_path, allow_zero=True)
         self.proj_drop = self._open_fraction(f + "proj_drop", self.proj_drop, allow_zero=True)
         V.boolean(f + "qkv_bias", self.qkv_bias)
@@ -130,6 +129,18 @@ class ModelConfig:
         if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 3:
             raise ConfigError(field, f"must be a list of 3 numbers (t, h, w), got {value!r}")
         return tuple(check(f"{field}[{i}]", v) for i, v in enumerate(value))
+
+    def _mask_ratio(self, field: str, value: Any) -> float:
+        """``round(ratio * N)`` tokens are masked (halves round up; :func:`~layerlock_plugin.masking.num_masked`):
+        at least one must be masked and one visible, so ``0.5 / N <= ratio < (N - 0.5) / N``."""
+        t, h, w = self.grid
+        n = t * h * w
+        lo, hi = 0.5 / n, (n - 0.5) / n
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and lo <= float(value) < hi
+        if not ok:
+            raise ConfigError(field, f"must be a number in [{lo:.4g}, {hi:.4g}) for the model's {n} tokens "
+                                     f"(at least one masked and one visible token), got {value!r}")
+        return float(value)
 
     @staticmethod
     def _open_fraction(field: str, value: Any, allow_zero: bool = False) -> float:
@@ -216,6 +227,8 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         rope_after_norm: bool = True,
     ):
+        from timm.layers import DropPath, Mlp  # imported on use: the CLI's config checks start without timm
+
         super().__init__()
         self.rope_after_norm = rope_after_norm
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -286,6 +299,8 @@ class VideoMAE(nn.Module):
         self.apply(self._init_weights)
         nn.init.normal_(self.query_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
+            from timm.layers import trunc_normal_
+
             trunc_normal_(self.pos_embed, std=0.02)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
@@ -297,6 +312,8 @@ class VideoMAE(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Conv3d)):
+            from timm.layers import trunc_normal_
+
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -322,9 +322,17 @@ def plot_adaptive_signals(
     x, y = _depth_steps(decided, total_steps)
     ax_depth.step(x, y, where="post", color="C3", linewidth=1.8, label="adaptive (decided)")
     if explicit_events is not None:
+        if total_steps is not None:  # the run's span: explicit events after its end never happen
+            explicit_events = [(st, d) for st, d in explicit_events if st < total_steps]
         ex, ey = _depth_steps(explicit_events, total_steps)
         ax_depth.step(ex, ey, where="post", color="gray", linestyle="--", linewidth=1.4, label="explicit")
     ax_depth.legend(loc="lower right", fontsize=8)
+    if not decided:
+        span = f" in {total_steps} steps" if total_steps is not None else ""
+        ax_depth.text(0.5, 0.5, f"no freeze event decided{span}", transform=ax_depth.transAxes, ha="center",
+                      va="center", fontsize=9, color="C3")
+    if total_steps is not None:
+        ax_depth.set_xlim(0, total_steps)
     for ax in (ax_up, ax_norm, ax_depth):
         for step, _ in decided:
             ax.axvline(step, color="C3", linestyle=":", linewidth=0.9, alpha=0.8)

@@ -1,0 +1,154 @@
+"""Saving and resuming the reference trainer: one ``checkpoint.pt`` (one process) or DCP (``ddp`` / ``fsdp``).
+
+Both hold the step, the config, model and optimizer state, the LR scheduler, the LayerLock state, the
+shared mask generator and the RNG of every device the process uses (CPU, and the CUDA generator of its
+GPU), so dropout and drop-path continue exactly on a GPU too. Resume restores in the order that keeps
+freezing consistent (DESIGN pitfall 3): weights, then the LayerLock plan (re-freezes what was frozen),
+then optimizer state, scheduler and RNG. A checkpoint of another config is refused naming the fields
+that differ; only the fields in :data:`RESUMABLE_CHANGES` may change.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import check_model_state, load_checkpoint, require_keys, save_atomic
+from ..errors import CheckpointError
+from . import dcp
+
+CHECKPOINT_FORMAT = "layerlock-reference/1"
+DCP_FORMAT = "layerlock-reference-dcp/1"
+# Fields that may differ between a checkpoint and the run that resumes it (train.steps only explicitly:
+# see Trainer's budget check).
+RESUMABLE_CHANGES = ("out_dir", "train.steps", "train.log_every", "train.ckpt_every", "train.num_workers",
+                     "train.threads", "train.progress", "probe", "train.activation_checkpointing",
+                     "train.compile", "train.peak_tflops", "train.dist_timeout_s")
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's generators: the CPU one, and its GPU's when it runs on CUDA."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if device.type == "cuda":
+        if "cuda" not in state:
+            raise CheckpointError("the checkpoint holds no CUDA generator state (it was written on CPU); a GPU run "
+                                  "cannot continue its dropout / drop-path streams exactly")
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two nested config dicts differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in config_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def check_same_config(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:
+    diffs = [d for d in config_diff(saved, current)
+             if not any(d == c or d.startswith(c + ".") for c in RESUMABLE_CHANGES)]
+    if diffs:
+        raise CheckpointError(f"{source} was written by a run with a different config; differing fields: "
+                              f"{', '.join(diffs)}. Resume with the checkpoint's config (omit --config).")
+
+
+def config_from_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The raw config dict stored in a run's checkpoint (for ``--resume`` without ``--config``):
+    ``checkpoint.pt`` of a one-process run, or the latest complete DCP checkpoint of a ddp/fsdp run."""
+    path = Path(path)
+    if path.is_dir() and ((path / dcp.DCP_DIR).is_dir() or path.parent.name == dcp.DCP_DIR):
+        return dcp.read_trainer_state(dcp.resolve(path))["config"]
+    file = path / "checkpoint.pt" if path.is_dir() else path
+    ckpt = load_checkpoint(file)
+    require_keys(ckpt, ["config"], file)
+    return ckpt["config"]
+
+
+class Checkpointer:
+    """Saves and restores a trainer's state: model, optimizer, LR scheduler, LayerLock, mask generator, RNG."""
+
+    def __init__(self, trainer: Any):
+        self.t = trainer
+
+    @property
+    def uses_dcp(self) -> bool:
+        return self.t.env.strategy != "none"
+
+    def _common(self) -> dict[str, Any]:
+        t = self.t
+        return {"config": t.config.to_dict(), "step": t.step, "scheduler": t.scheduler.state_dict(),
+                "layerlock": t.layerlock.state_dict()}
+
+    def save(self) -> Path:
+        t = self.t
+        if not self.uses_dcp:
+            state = {"format": CHECKPOINT_FORMAT, **self._common(), "model": t.model.state_dict(),
+                     "optimizer": t.optimizer.state_dict(),
+                     "rng": {**rng_state(t.device), "mask": t.mask_generator.get_state()}}
+            return save_atomic(state, t.out / "checkpoint.pt")
+        trainer_state = {"format": DCP_FORMAT, **self._common(), "mask_rng": t.mask_generator.get_state()}
+        return dcp.save(t.out, t.step, t.model, t.optimizer, trainer_state, t.env, rng_state(t.device))
+
+    def resume(self, path: Path) -> int:
+        """Restore from ``path`` (see :func:`.run_folder.resume_source`); returns the resumed run's budget
+        (``train.steps`` of its config)."""
+        if path.is_dir() and ((path / dcp.DCP_DIR).is_dir() or path.parent.name == dcp.DCP_DIR):
+            return self._resume_dcp(path)
+        t = self.t
+        file = path / "checkpoint.pt" if path.is_dir() else path
+        if self.uses_dcp:
+            raise CheckpointError(f"{path} holds no distributed checkpoint (dcp/latest) but train.strategy is "
+                                  f"{t.env.strategy!r}; a one-process checkpoint.pt resumes with train.strategy=none")
+        ckpt = load_checkpoint(file, map_location=t.device)
+        require_keys(ckpt, ["format", "config", "step", "model", "optimizer", "scheduler", "layerlock", "rng"], file)
+        if ckpt["format"] != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"{file} has format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
+        check_same_config(ckpt["config"], t.config.to_dict(), file)
+        check_model_state(t.model, ckpt["model"], str(file))
+        t.model.load_state_dict(ckpt["model"])
+        t.layerlock.load_state_dict(ckpt["layerlock"])
+        t.optimizer.load_state_dict(ckpt["optimizer"])
+        t.scheduler.load_state_dict(ckpt["scheduler"])
+        restore_rng(ckpt["rng"], t.device)
+        t.mask_generator.set_state(ckpt["rng"]["mask"].cpu())
+        return self._resumed_at(int(ckpt["step"]), ckpt["config"], file)
+
+    def _resume_dcp(self, path: Path) -> int:
+        """DCP resume: the plan is re-applied (and the wrapping synced) before the optimizer state loads,
+        so frozen parameters get none back; weights and optimizer state reshard to this run's layout."""
+        t = self.t
+        if not self.uses_dcp:
+            raise CheckpointError(f"{path} holds a distributed checkpoint; resume it with train.strategy=ddp or "
+                                  "fsdp under torchrun (any world size that divides the batch)")
+        ckpt_dir = dcp.resolve(path)
+        state = dcp.read_trainer_state(ckpt_dir)
+        if state["format"] != DCP_FORMAT:
+            raise CheckpointError(f"{ckpt_dir} has format {state['format']!r}, expected {DCP_FORMAT!r}")
+        check_same_config(state["config"], t.config.to_dict(), ckpt_dir)
+        t.layerlock.load_state_dict(state["layerlock"])
+        t.parallel.sync(t.layerlock.heads())
+        dcp.load_model_and_optimizer(ckpt_dir, t.model, t.optimizer)
+        t.scheduler.load_state_dict(state["scheduler"])
+        t.mask_generator.set_state(state["mask_rng"].cpu())
+        rng = dcp.load_rng(ckpt_dir, t.env, int(state["world_size"]))
+        if rng is None:
+            t.echo(f"note: {ckpt_dir} was written by {state['world_size']} processes, this run has "
+                   f"{t.env.world_size}: per-rank dropout RNG streams start fresh")
+        else:
+            restore_rng(rng, t.device)
+        return self._resumed_at(int(state["step"]), state["config"], ckpt_dir)
+
+    def _resumed_at(self, step: int, saved_config: dict[str, Any], source: Path) -> int:
+        t = self.t
+        t.step = step
+        if t.layerlock.next_step != step:
+            raise CheckpointError(f"{source}: LayerLock state is at step {t.layerlock.next_step}, trainer at {step}")
+        return int(saved_config["train"]["steps"])
