@@ -312,12 +312,9 @@ class Schedule:
         """Warn when the run ends before the schedule's last event (the schedule would be cut short)."""
         if self.event_steps and self.last_event_step >= total_steps:
             reached = self.plan(max(total_steps - 1, 0)).num_frozen
-            warnings.warn(
-                f"schedule: the last freeze event is at step {self.last_event_step} but the run has "
-                f"{total_steps} steps; only {reached} of {self.max_frozen} blocks will be frozen. "
-                f"Shorten schedule.pixel_steps / schedule.interval or lower schedule.max_frozen.",
-                stacklevel=2,
-            )
+            warnings.warn(f"schedule: the last freeze event is at step {self.last_event_step} but the run has "
+                          f"{total_steps} steps; only {reached} of {self.max_frozen} blocks will be frozen. Shorten "
+                          f"schedule.pixel_steps / schedule.interval or lower schedule.max_frozen.", stacklevel=2)
 
     def describe(self) -> dict[str, Any]:
         """What must match between a checkpoint and the config that resumes it."""

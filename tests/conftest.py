@@ -76,6 +76,21 @@ def perturbed_copy(module: nn.Module, scale: float = 0.05) -> nn.Module:
     return other
 
 
+def vjepa_step(ex, adapter, encoder, predictor, optimizer, collator, seed: int) -> torch.Tensor:
+    """One V-JEPA train step (the example's tiny modules, random clips seeded by ``seed``) through the adapter;
+    the optimizer steps unless the guard says skip. Returns the loss."""
+    torch.manual_seed(seed)
+    (clips,), masks_enc, masks_pred = collator([(c,) for c in torch.rand(4, 3, ex.FRAMES, ex.CROP, ex.CROP)])
+    h = adapter.targets(clips, masks_pred)
+    z = predictor(encoder(clips, masks_enc), h, masks_enc, masks_pred)
+    loss = sum((zi - hi).abs().mean() for zi, hi in zip(z, h)) / len(z)
+    loss.backward()
+    if not adapter.end_step(loss, h).skip:
+        optimizer.step()
+    optimizer.zero_grad()
+    return loss
+
+
 def stop_and_resume(main, ckpt, steps: int, stop: int) -> tuple[dict, dict, dict]:
     """An example's ``main`` uninterrupted, then stopped after ``stop`` steps (checkpoint at ``ckpt``) and
     resumed; asserts the losses and the encoder / teacher / predictor weights are bitwise those of the

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import vjepa_step
 from layerlock_plugin.adapters.vjepa import LayerLockAdapter, LayerLockDDP, require_vjepa
 
 require_vjepa()
@@ -43,16 +44,8 @@ def _run(ex, rank: int, wrap) -> tuple[LayerLockAdapter, torch.nn.Module, torch.
     collator = ex.make_mask_collator()
     losses = []
     for step in range(STEPS):
-        torch.manual_seed(1000 * rank + step)
-        (clips,), masks_enc, masks_pred = collator([(c,) for c in torch.rand(4, 3, ex.FRAMES, ex.CROP, ex.CROP)])
         adapter.begin_step(step)
-        h = adapter.targets(clips, masks_pred)
-        z = ddp_predictor(ddp_encoder(clips, masks_enc), h, masks_enc, masks_pred)
-        loss = sum((zi - hi).abs().mean() for zi, hi in zip(z, h)) / len(z)
-        loss.backward()
-        if not adapter.end_step(loss, h).skip:
-            optimizer.step()
-        optimizer.zero_grad()
+        loss = vjepa_step(ex, adapter, ddp_encoder, ddp_predictor, optimizer, collator, seed=1000 * rank + step)
         adapter.update_teacher(0.99)
         losses.append(float(loss.detach()))
     return adapter, ddp_encoder, teacher, losses

@@ -136,20 +136,23 @@ def _plain(value):
     return value
 
 
+def _log_scalars(checkpoint: dict) -> dict:
+    """``checkpoint['message_hub']['log_scalars']`` (empty when the checkpoint has no MessageHub)."""
+    hub = checkpoint.get("message_hub")
+    return hub.get("log_scalars", {}) if isinstance(hub, dict) else {}
+
+
 def message_hub_to_plain(checkpoint: dict) -> None:
     """In place: make ``checkpoint['message_hub']`` loadable with ``torch.load(weights_only=True)``."""
     from mmengine.logging import HistoryBuffer
 
-    hub = checkpoint.get("message_hub")
-    if not isinstance(hub, dict):
-        return
-    scalars = hub.get("log_scalars", {})
+    scalars = _log_scalars(checkpoint)
     for key, buf in list(scalars.items()):
         if isinstance(buf, HistoryBuffer):
-            log, count = buf.data
-            scalars[key] = {_HISTORY_MARK: True, "log_history": log.tolist(), "count_history": count.tolist(),
-                            "max_length": int(buf.max_length)}
-    if isinstance(hub.get("runtime_info"), dict):
+            log, count, max_length = _reduce_history_buffer(buf)[1]
+            scalars[key] = {_HISTORY_MARK: True, "log_history": log, "count_history": count, "max_length": int(max_length)}
+    hub = checkpoint.get("message_hub")
+    if isinstance(hub, dict) and isinstance(hub.get("runtime_info"), dict):
         hub["runtime_info"] = _plain(hub["runtime_info"])
 
 
@@ -157,10 +160,7 @@ def message_hub_from_plain(checkpoint: dict) -> None:
     """In place: undo :func:`message_hub_to_plain` (HistoryBuffers back for ``MessageHub.load_state_dict``)."""
     from mmengine.logging import HistoryBuffer
 
-    hub = checkpoint.get("message_hub")
-    if not isinstance(hub, dict):
-        return
-    scalars = hub.get("log_scalars", {})
+    scalars = _log_scalars(checkpoint)
     for key, buf in list(scalars.items()):
         if isinstance(buf, dict) and buf.get(_HISTORY_MARK):
             scalars[key] = HistoryBuffer(buf["log_history"], buf["count_history"], buf["max_length"])
