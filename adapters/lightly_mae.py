@@ -1,12 +1,11 @@
-"""LayerLock for lightly's image MAE (``MaskedVisionTransformerTIMM`` + ``MAEDecoderTIMM``).
+"""LayerLock for lightly's image MAE (``MaskedVisionTransformerTIMM`` + ``MaskedVisionTransformerDecoderTIMM``).
 
-:class:`LayerLockMAE` wraps the two modules of lightly's MAE example and adds LayerLock to it::
+:class:`LayerLockMAE` wraps the modules of lightly's MAE example and adds LayerLock to it::
 
     vit = timm.create_model("vit_base_patch32_224")
     backbone = MaskedVisionTransformerTIMM(vit=vit)
-    decoder = MAEDecoderTIMM(num_patches=vit.patch_embed.num_patches, patch_size=32,
-                             embed_dim=vit.embed_dim, decoder_embed_dim=512, decoder_depth=1,
-                             decoder_num_heads=16)
+    decoder = MaskedVisionTransformerDecoderTIMM(num_patches=vit.patch_embed.num_patches, embed_dim=512,
+                                                 depth=1, num_heads=16, num_prefix_tokens=vit.num_prefix_tokens)
     mae = LayerLockMAE(backbone, decoder, LayerLockConfig(...), mask_ratio=0.75)
     optimizer = torch.optim.AdamW(mae.parameters(), lr=1.5e-4)   # includes every readout head
     mae.layerlock.attach_optimizer(optimizer)                    # warmup + optimizer-state freeing
@@ -28,9 +27,15 @@ What it does per step (mirroring lightly's ``forward_encoder`` / ``forward_decod
   :meth:`TimmViTEncoder.forward_prefix` in eval mode without autograd and stopping at block ``k``;
 * the student runs ``backbone.preprocess`` (lightly), ``vit.norm_pre`` and the frozen blocks under
   ``torch.no_grad()``, then the trainable blocks with autograd (``forward_encoder``);
-* lightly's decoder (``embed`` -> ``set_at_index`` into mask tokens -> ``decode`` -> ``get_at_index``)
-  and one readout per head: ``decoder.predict`` for pixels, a ``Linear(decoder_dim, embed_dim)`` per
-  latent target.
+* lightly's decoder path (``decoder_embed`` -> ``set_at_index`` into mask tokens -> ``add_pos_embed`` ->
+  ``decode`` -> ``get_at_index``) and one readout per head: the pixel head for pixels, a
+  ``Linear(decoder_dim, embed_dim)`` per latent target.
+
+Decoders: ``MaskedVisionTransformerDecoderTIMM`` (lightly >= 1.6) leaves the input embedding and the
+prediction head to the caller, as lightly's MAE example does: pass yours as ``decoder_embed`` /
+``pixel_head`` or let :class:`LayerLockMAE` build them (``Linear(vit.embed_dim, decoder_dim)`` and
+``Linear(decoder_dim, patch_h * patch_w * in_chans)``). The deprecated ``MAEDecoderTIMM`` (lightly 1.6,
+removed in 1.7) still works while it exists: it brings its own ``embed`` / ``predict``.
 
 Readout heads are **pre-created** in ``__init__`` for every target the schedule will ever use, so
 ``mae.parameters()`` given to the optimizer before training already contains them: no param-group
@@ -51,7 +56,6 @@ from layerlock_plugin.adapters.timm_vit import TimmViTEncoder
 from layerlock_plugin.controller import LayerLock, LayerLockConfig
 from layerlock_plugin.errors import EncoderStructureError, MissingDependencyError
 from layerlock_plugin.masking import subsample_indices
-from layerlock_plugin.schedule import Plan
 from layerlock_plugin.targets import PIXELS, head_name
 
 try:
@@ -61,7 +65,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without lightly
         "layerlock_plugin.adapters.lightly_mae needs lightly: pip install \"layerlock-plugin[lightly]\""
     ) from exc
 
-__all__ = ["LayerLockMAE", "LayerLockMAEOutput", "readout_layers"]
+__all__ = ["LayerLockMAE", "LayerLockMAEOutput"]
 
 
 class LayerLockMAEOutput(NamedTuple):
@@ -81,31 +85,30 @@ class LayerLockMAEOutput(NamedTuple):
     idx_mask: torch.Tensor
 
 
-def readout_layers(controller: LayerLock) -> list[int]:
-    """Every latent target block the controller's schedule can ask for (one readout head each)."""
-    if controller.config.target.kind != "latent":
-        return []
-    layers: set[int] = set()
-    for depth in controller.schedule.depths:
-        plan = Plan(step=0, num_frozen=depth, target_layer=depth, stage=1, steps_since_switch=0,
-                    stem_frozen=False, is_switch=False)
-        layers.update(controller.selector.layers(plan))
-    return sorted(layers)
-
-
-def _check_lightly_modules(backbone: nn.Module, decoder: nn.Module) -> None:
+def _check_lightly_modules(backbone: nn.Module, decoder: nn.Module) -> bool:
+    """Whether ``decoder`` is the deprecated ``MAEDecoderTIMM`` (own embed/predict); refuses other modules."""
     vit = getattr(backbone, "vit", None)
     if vit is None or not callable(getattr(backbone, "preprocess", None)):
         raise EncoderStructureError(
             f"LayerLockMAE: backbone must be lightly's MaskedVisionTransformerTIMM (with .vit and "
             f".preprocess()), got {type(backbone).__name__}"
         )
-    missing = [a for a in ("embed", "decode", "predict", "mask_token") if not hasattr(decoder, a)]
+    legacy = all(hasattr(decoder, a) for a in ("embed", "predict"))
+    missing = [a for a in ("decode", "mask_token", *(() if legacy else ("add_pos_embed",))) if not hasattr(decoder, a)]
     if missing:
         raise EncoderStructureError(
-            f"LayerLockMAE: decoder must be lightly's MAEDecoderTIMM (embed/decode/predict/mask_token); "
-            f"{type(decoder).__name__} lacks {missing}"
+            f"LayerLockMAE: decoder must be lightly's MaskedVisionTransformerDecoderTIMM (add_pos_embed/decode/"
+            f"mask_token) or MAEDecoderTIMM (embed/decode/predict); {type(decoder).__name__} lacks {missing}"
         )
+    return legacy
+
+
+def _linear(d_in: int, d_out: int) -> nn.Linear:
+    """A readout initialised as MAE's linears: xavier-uniform weight, zero bias."""
+    layer = nn.Linear(d_in, d_out)
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
 
 
 class LayerLockMAE(nn.Module):
@@ -114,12 +117,16 @@ class LayerLockMAE(nn.Module):
     Args:
         backbone: ``lightly.models.modules.MaskedVisionTransformerTIMM`` around a timm
             ``VisionTransformer`` (the encoder that is progressively frozen).
-        decoder: ``lightly.models.modules.MAEDecoderTIMM`` (its own blocks, never frozen).
+        decoder: ``lightly.models.modules.MaskedVisionTransformerDecoderTIMM`` (or the deprecated
+            ``MAEDecoderTIMM``); its own blocks, never frozen.
         config: the LayerLock config (schedule, target, warmup, guard). ``config.with_method("mae")``
             gives lightly's plain MAE with the same code path (the baseline).
         mask_ratio: fraction of patches masked (lightly's MAE example: 0.75).
         optimizer: optional; same as calling ``self.layerlock.attach_optimizer(optimizer)`` later.
         total_steps: optional; warns when the schedule would be cut short.
+        decoder_embed: ``[B, K, D] -> [B, K, decoder_dim]`` for ``MaskedVisionTransformerDecoderTIMM``
+            (default: a new ``Linear``); must be None with ``MAEDecoderTIMM``, which has its own.
+        pixel_head: ``[B, Q, decoder_dim] -> [B, Q, patch_h * patch_w * in_chans]``, likewise.
 
     Attributes:
         layerlock: the :class:`~layerlock_plugin.controller.LayerLock` controller (``begin_step``,
@@ -142,9 +149,14 @@ class LayerLockMAE(nn.Module):
         mask_ratio: float = 0.75,
         optimizer: torch.optim.Optimizer | None = None,
         total_steps: int | None = None,
+        decoder_embed: nn.Module | None = None,
+        pixel_head: nn.Module | None = None,
     ):
         super().__init__()
-        _check_lightly_modules(backbone, decoder)
+        legacy = _check_lightly_modules(backbone, decoder)
+        if legacy and (decoder_embed is not None or pixel_head is not None):
+            raise EncoderStructureError("LayerLockMAE: MAEDecoderTIMM has its own embed/predict; pass decoder_embed / "
+                                        "pixel_head only with MaskedVisionTransformerDecoderTIMM")
         if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)) or not 0 < mask_ratio < 1:
             raise ValueError(f"LayerLockMAE: mask_ratio must be in (0, 1), got {mask_ratio!r}")
         vit = backbone.vit
@@ -158,12 +170,13 @@ class LayerLockMAE(nn.Module):
         self.num_prefix_tokens = int(getattr(vit, "num_prefix_tokens", 0))
         self.layerlock = LayerLock(encoder, config, optimizer, tubelet=(1, *self.patch_size), total_steps=total_steps)
         decoder_dim = int(decoder.mask_token.shape[-1])
-        self.readouts = nn.ModuleDict()
-        for k in readout_layers(self.layerlock):
-            head = nn.Linear(decoder_dim, vit.embed_dim)
-            nn.init.xavier_uniform_(head.weight)
-            nn.init.zeros_(head.bias)
-            self.readouts[head_name(k)] = head
+        self.legacy_decoder = legacy
+        if not legacy:
+            in_chans = int(vit.patch_embed.proj.in_channels)
+            self.decoder_embed = decoder_embed or _linear(vit.embed_dim, decoder_dim)
+            self.pixel_head = pixel_head or _linear(decoder_dim, self.patch_size[0] * self.patch_size[1] * in_chans)
+        self.readouts = nn.ModuleDict({head_name(k): _linear(decoder_dim, vit.embed_dim)
+                                       for k in self.layerlock.readout_layers()})
 
     @property
     def sequence_length(self) -> int:
@@ -209,16 +222,17 @@ class LayerLockMAE(nn.Module):
         self, x_encoded: torch.Tensor, idx_keep: torch.Tensor, idx_mask: torch.Tensor, heads: Sequence[str]
     ) -> dict[str, torch.Tensor]:
         """lightly's MAE decoder + one readout per head: ``{head: [B, Q, P]}`` at ``idx_mask [B, Q]``."""
+        legacy = self.legacy_decoder  # MAEDecoderTIMM: its own embed, positions inside decode, predict
         batch_size = x_encoded.shape[0]
-        x_decode = self.decoder.embed(x_encoded)
+        x_decode = self.decoder.embed(x_encoded) if legacy else self.decoder_embed(x_encoded)
         x_full = lightly_utils.repeat_token(self.decoder.mask_token, (batch_size, self.sequence_length))
         x_full = lightly_utils.set_at_index(x_full, idx_keep, x_decode.type_as(x_full))
-        x_decoded = self.decoder.decode(x_full)
+        x_decoded = self.decoder.decode(x_full if legacy else self.decoder.add_pos_embed(x_full))
         x_query = lightly_utils.get_at_index(x_decoded, idx_mask)
         out = {}
         for h in heads:
             if h == PIXELS:
-                out[h] = self.decoder.predict(x_query)
+                out[h] = self.decoder.predict(x_query) if legacy else self.pixel_head(x_query)
             elif h in self.readouts:
                 out[h] = self.readouts[h](x_query)
             else:

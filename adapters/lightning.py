@@ -42,15 +42,16 @@ both ranks). Lightning's FSDP strategy with this callback is untested.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from layerlock_plugin.controller import LayerLock, LayerLockConfig
 from layerlock_plugin.encoder import LayeredEncoder
 from layerlock_plugin.errors import ConfigError, EncoderStructureError, MissingDependencyError
+from layerlock_plugin.integration import skip_update
 
 try:
     try:
@@ -95,18 +96,6 @@ def _as_encoder(obj: Any) -> LayeredEncoder:
     )
 
 
-class _TargetTap:
-    """Wraps ``controller.targets`` to remember the latest targets for the collapse guard."""
-
-    def __init__(self, fn: Callable[..., dict[str, torch.Tensor]]):
-        self.fn = fn
-        self.last: dict[str, torch.Tensor] | None = None
-
-    def __call__(self, *args, **kwargs) -> dict[str, torch.Tensor]:
-        self.last = self.fn(*args, **kwargs)
-        return self.last
-
-
 class LayerLockCallback(pl.Callback):
     """Adds LayerLock to a LightningModule (see the module docstring for what the module provides).
 
@@ -137,7 +126,6 @@ class LayerLockCallback(pl.Callback):
         self.verbose = verbose
         self.controller: LayerLock | None = None
         self.events: list = []
-        self._tap: _TargetTap | None = None
         self._loss: torch.Tensor | None = None
 
     # ---------------------------------------------------------------------------- wiring
@@ -162,8 +150,6 @@ class LayerLockCallback(pl.Callback):
             total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
             ll = LayerLock(_as_encoder(pl_module.layerlock_encoder), self.config, tubelet=self.tubelet, total_steps=total)
             pl_module.layerlock = ll
-        self._tap = _TargetTap(ll.targets)
-        ll.targets = self._tap  # instance attribute: the module calls it as before
         ll.on_event(self._on_event)
         self.controller = ll
         return ll
@@ -180,16 +166,14 @@ class LayerLockCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         ll = self._controller(trainer, pl_module)
         self._check_strategy(trainer)
-        attached = {id(s.optimizer) for s in getattr(ll, "_scalers", [])}
         for opt in trainer.optimizers:
-            opt = getattr(opt, "optimizer", opt)  # LightningOptimizer / wrapped
-            if id(opt) not in attached:
-                ll.attach_optimizer(opt)
+            ll.attach_optimizer(getattr(opt, "optimizer", opt))  # LightningOptimizer / wrapped; once each
 
     @staticmethod
     def _check_strategy(trainer: pl.Trainer) -> None:
-        strategy = trainer.strategy
-        if type(strategy).__name__ == "DDPStrategy" and not getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False):
+        """Refuse a DDP wrapper (built by the strategy before ``on_fit_start``) without find_unused_parameters."""
+        model = getattr(trainer.strategy, "model", None)
+        if isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
             raise ConfigError(
                 "Trainer.strategy",
                 "LayerLock freezes parameters during training and pre-creates readout heads that are unused "
@@ -202,8 +186,6 @@ class LayerLockCallback(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         ll = self._controller(trainer, pl_module)
         ll.begin_step(trainer.global_step)
-        if self._tap is not None:
-            self._tap.last = None
         self._loss = None
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
@@ -215,11 +197,7 @@ class LayerLockCallback(pl.Callback):
             p.grad = None
         if self._loss is None:
             return
-        decision = ll.end_step(self._loss, self._tap.last if self._tap else None)
-        if decision.skip:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
+        skip_update(ll.end_step(self._loss, ll.last_targets), optimizer)  # the targets the module computed
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if batch_idx % self.log_every_n_steps:

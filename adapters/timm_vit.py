@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, check_layers
+from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, block_name, check_layers
 from layerlock_plugin.errors import EncoderStructureError, MissingDependencyError
 
 try:
@@ -132,7 +132,7 @@ class TimmViTEncoder(nn.Module):
         The stem is ``patch_embed`` + ``norm_pre`` (+ the parameter-free ``pos_drop`` /
         ``patch_drop``, so freezing the stem also turns its dropout off) with the loose parameters
         ``pos_embed``, ``cls_token``, ``reg_token`` and ``dist_token`` where the model has them.
-        Blocks ``1..num_layers`` follow, one unit each, named ``block{k}`` (1-based).
+        Blocks ``1..num_layers`` follow, one unit each, named ``block_k`` (1-based).
         """
         m = self.model
         modules: list[nn.Module] = [m.patch_embed, m.norm_pre]
@@ -145,7 +145,7 @@ class TimmViTEncoder(nn.Module):
         )
         stem = FreezeUnit("stem", modules=tuple(modules), extra_params=extra)
         blocks = tuple(
-            FreezeUnit(f"block{i + 1}", modules=(m.blocks[i],)) for i in range(self.num_layers)
+            FreezeUnit(block_name(i + 1), modules=(m.blocks[i],)) for i in range(self.num_layers)
         )
         return EncoderUnits(stem=stem, blocks=blocks)
 

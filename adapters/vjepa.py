@@ -45,15 +45,16 @@ What it does:
 * **Masks**: V-JEPA index lists (``[B, K]`` per mask config, a list of them, or several configs
   concatenated along the batch, ``[M*B, K]``) and boolean masks ``[B, N]`` (True = the token is in the
   set, i.e. predicted for ``masks_pred``; every row must select the same number of tokens).
-* **DDP** (:class:`LayerLockDDP`): V-JEPA wraps the encoder with ``static_graph=True``, which breaks when
-  parameters stop requiring gradients. ``LayerLockDDP(encoder, static_graph=True)`` is a drop-in for
-  ``DistributedDataParallel(encoder, static_graph=True)`` that rebuilds the DDP wrapper (collectively, on
-  every rank at the same step) when the set of trainable parameters changes; its ``state_dict`` keys are
-  DDP's (``module.*``).
+* **DDP** (the core's :class:`~layerlock_plugin.integration.LayerLockDDP`, re-exported here): V-JEPA wraps
+  the encoder with ``static_graph=True``, which breaks when parameters stop requiring gradients.
+  ``LayerLockDDP(encoder, static_graph=True)`` is a drop-in for ``DistributedDataParallel(encoder,
+  static_graph=True)`` that rebuilds the DDP wrapper (collectively, on every rank at the same step) when
+  the set of trainable parameters changes; its ``state_dict`` keys are DDP's (``module.*``).
 
 Encoders: V-JEPA's ``VisionTransformer`` (from the ``vjepa`` distribution, or a look-alike with
 ``patch_embed``, ``pos_embed``, ``blocks``, ``norm`` and ``interpolate_pos_encoding``) is wrapped by
-:class:`VJEPAEncoder`; a timm ``VisionTransformer`` by
+:class:`~layerlock_plugin.adapters.vjepa_encoders.VJEPAEncoder`, V-JEPA 2's (``vjepa2``, RoPE inside
+attention) by :class:`~layerlock_plugin.adapters.vjepa_encoders.VJEPA2Encoder`; a timm ``VisionTransformer`` by
 :class:`~layerlock_plugin.adapters.timm_vit.TimmViTEncoder`; anything that implements the layered-encoder
 protocol is used as is. ``MultiMaskWrapper`` / DDP / ``torch.compile`` wrappers are looked through.
 
@@ -71,153 +72,36 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from layerlock_plugin import _validate as v
 from layerlock_plugin.checkpoint import strip_wrapper_prefixes
 from layerlock_plugin.collapse import GuardDecision
 from layerlock_plugin.controller import LayerLock, LayerLockConfig
-from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, LayeredEncoder, check_layers
-from layerlock_plugin.errors import CheckpointError, ConfigError, EncoderStructureError, MissingDependencyError
+from layerlock_plugin.encoder import LayeredEncoder
+from layerlock_plugin.errors import CheckpointError, ConfigError, EncoderStructureError
+from layerlock_plugin.integration import LayerLockDDP  # noqa: F401  (re-exported: V-JEPA's DDP line)
+from layerlock_plugin.masking import mask_to_indices
 from layerlock_plugin.schedule import Plan, Schedule
-from layerlock_plugin.targets import eval_mode, gather_tokens
+from layerlock_plugin.targets import gather_tokens, prefix_outputs
+
+from .vjepa_encoders import INSTALL_HINT, VJEPA2Encoder, VJEPAEncoder, as_layered, require_vjepa, require_vjepa2, unwrap
 
 __all__ = [
     "LayerLockAdapter",
     "LayerLockDDP",
     "NamedEMA",
+    "VJEPA2Encoder",
     "VJEPAEncoder",
     "as_layered",
     "layer_targets",
     "normalize_masks",
     "require_vjepa",
+    "require_vjepa2",
     "unwrap",
+    "INSTALL_HINT",
 ]
 
-INSTALL_HINT = 'pip install "layerlock-plugin[vjepa]" && pip install --no-deps vjepa==0.1.2'
 TEACHER_FROZEN_RULES = ("follow", "stop")
-
-
-def require_vjepa():
-    """Import and return the ``vjepa`` package, or raise an error naming the install line."""
-    try:
-        import vjepa  # noqa: F401
-        import vjepa.models.vision_transformer  # noqa: F401
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"the V-JEPA example and tests need the official V-JEPA code: {INSTALL_HINT}"
-        ) from exc
-    return vjepa
-
-
-# ---------------------------------------------------------------------------------- encoders
-def unwrap(module: nn.Module) -> nn.Module:
-    """Look through DDP / :class:`LayerLockDDP` (``.module``), ``torch.compile`` (``._orig_mod``) and
-    V-JEPA's ``MultiMaskWrapper`` (``.backbone``) down to the encoder itself."""
-    while True:
-        if isinstance(module, (DistributedDataParallel, LayerLockDDP)):
-            module = module.module
-        elif isinstance(getattr(module, "_orig_mod", None), nn.Module):
-            module = module._orig_mod
-        elif type(module).__name__ in ("MultiMaskWrapper", "PredictorMultiMaskWrapper") and isinstance(
-            getattr(module, "backbone", None), nn.Module
-        ):
-            module = module.backbone
-        else:
-            return module
-
-
-class VJEPAEncoder(nn.Module):
-    """V-JEPA's ``VisionTransformer`` as a LayerLock layered encoder.
-
-    Args:
-        model: ``vjepa.models.vision_transformer.VisionTransformer`` (e.g. ``vit_large(num_frames=16)``)
-            or a look-alike with ``patch_embed``, ``pos_embed``, ``blocks``, ``norm`` and
-            ``interpolate_pos_encoding``. Held as ``self.model``; calling the wrapper calls it unchanged.
-        apply_norm: return ``model.norm(h_k)`` instead of the raw block output ``h_k`` (V-JEPA's
-            ``out_layers`` convention).
-
-    Units: the stem is ``patch_embed`` plus ``pos_embed`` (fixed sincos in V-JEPA, learned in
-    look-alikes); blocks ``1..depth`` follow, named ``block{k}``. The final ``norm`` belongs to no unit
-    and always trains. V-JEPA has no decoder-reused blocks (its predictor is a separate network).
-
-    Caveat: V-JEPA's ``Attention`` passes its ``drop`` rate to ``scaled_dot_product_attention`` even in
-    eval mode, so a frozen block with ``drop_rate > 0`` still drops attention; V-JEPA's configs use 0.
-    """
-
-    def __init__(self, model: nn.Module, apply_norm: bool = False):
-        super().__init__()
-        name = type(model).__name__
-        for attr in ("patch_embed", "pos_embed", "blocks", "norm", "interpolate_pos_encoding"):
-            if not hasattr(model, attr):
-                raise EncoderStructureError(
-                    f"VJEPAEncoder: {name} has no attribute {attr!r}; expected V-JEPA's VisionTransformer "
-                    f"(vjepa.models.vision_transformer) or a model with patch_embed, pos_embed, blocks, norm "
-                    f"and interpolate_pos_encoding"
-                )
-        if not isinstance(model.blocks, (nn.ModuleList, nn.Sequential)) or len(model.blocks) == 0:
-            raise EncoderStructureError(f"VJEPAEncoder: {name}.blocks must be a non-empty nn.ModuleList")
-        self.model = model
-        self.apply_norm = v.boolean("teacher_norm", apply_norm)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.model.blocks)
-
-    @property
-    def embed_dim(self) -> int:
-        return int(self.model.pos_embed.shape[-1])
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def layerlock_units(self) -> EncoderUnits:
-        m = self.model
-        extra = (m.pos_embed,) if isinstance(m.pos_embed, nn.Parameter) else ()
-        stem = FreezeUnit("stem", modules=(m.patch_embed,), extra_params=extra)
-        blocks = tuple(FreezeUnit(f"block{i + 1}", modules=(b,)) for i, b in enumerate(m.blocks))
-        return EncoderUnits(stem=stem, blocks=blocks)
-
-    def forward_prefix(self, inputs: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Outputs of blocks ``layers`` on the full clip, stopping after ``max(layers)``.
-
-        ``inputs [B, C, T, H, W]`` (or ``[B, C, H, W]`` for image models) -> ``{k: [B, N, D]}``. The stem
-        is exactly V-JEPA's ``forward`` without masks (interpolated positions, patch embedding).
-        """
-        ks = check_layers(layers, self.num_layers)
-        m = self.model
-        x = m.patch_embed(inputs)
-        if m.pos_embed is not None:
-            x = x + m.interpolate_pos_encoding(inputs, m.pos_embed)
-        out: dict[int, torch.Tensor] = {}
-        for i, blk in enumerate(m.blocks[: ks[-1]], start=1):
-            x = blk(x)
-            if i in ks:
-                out[i] = m.norm(x) if self.apply_norm else x
-        return out
-
-
-def as_layered(model: nn.Module, teacher_norm: bool = False) -> LayeredEncoder:
-    """A layered encoder for ``model`` (unwrapped first): itself if it implements the protocol, a
-    :class:`VJEPAEncoder` for V-JEPA ViTs, a ``TimmViTEncoder`` for timm ViTs."""
-    inner = unwrap(model)
-    if hasattr(inner, "layerlock_units") and hasattr(inner, "forward_prefix"):
-        if teacher_norm and not (isinstance(inner, VJEPAEncoder) and inner.apply_norm):
-            raise ConfigError("teacher_norm", f"is only supported for V-JEPA VisionTransformers, not {type(inner).__name__}")
-        return inner
-    if hasattr(inner, "interpolate_pos_encoding") and hasattr(inner, "blocks"):
-        return VJEPAEncoder(inner, apply_norm=teacher_norm)
-    if hasattr(inner, "forward_intermediates") and hasattr(inner, "_pos_embed"):
-        if teacher_norm:
-            raise ConfigError("teacher_norm", "is only supported for V-JEPA VisionTransformers, not timm ViTs")
-        from layerlock_plugin.adapters.timm_vit import TimmViTEncoder
-
-        return TimmViTEncoder(inner)
-    raise EncoderStructureError(
-        f"{type(inner).__name__} is neither a V-JEPA VisionTransformer, a timm ViT, nor a LayerLock layered "
-        f"encoder (layerlock_units() + forward_prefix()); LayerLock cannot find its patch embedding and blocks"
-    )
-
 
 # ---------------------------------------------------------------------------------- masks
 def normalize_masks(masks: Any, batch: int, num_tokens: int, field: str = "masks_pred") -> tuple[list[torch.Tensor], bool]:
@@ -239,13 +123,10 @@ def normalize_masks(masks: Any, batch: int, num_tokens: int, field: str = "masks
         if m.dtype == torch.bool:
             if m.dim() != 2 or m.shape[1] != num_tokens:
                 raise ValueError(f"{where}: a boolean mask must be [B, {num_tokens}] (one flag per token), got {list(m.shape)}")
-            counts = m.sum(dim=1)
-            if counts.numel() and not bool((counts == counts[0]).all()):
-                raise ValueError(
-                    f"{where}: every row of a boolean mask must select the same number of tokens "
-                    f"(got {sorted(set(counts.tolist()))}); use index masks for ragged sets"
-                )
-            m = m.nonzero(as_tuple=True)[1].reshape(m.shape[0], -1)
+            try:
+                m = mask_to_indices(m)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}; use index masks for ragged sets") from None
         elif m.dtype.is_floating_point or m.dtype.is_complex:
             raise TypeError(f"{where}: index masks must be an integer tensor, got {m.dtype}")
         if m.dim() != 2:
@@ -273,8 +154,9 @@ def layer_targets(
 ) -> list[torch.Tensor] | torch.Tensor:
     """Block ``layer``'s output of ``encoder`` on the full ``clips`` at ``masks`` (no autograd, eval mode).
 
-    ``clips [B, C, T, H, W]``; ``masks`` as in :func:`normalize_masks`. Returns ``[B_i, K_i, D]`` per mask
-    (a list if ``masks`` was a list, like V-JEPA's ``apply_masks(..., concat=False)``), with an
+    ``clips [B, C, T, H, W]``; ``masks`` as in :func:`normalize_masks`, or None for every token (``[B, N, D]``).
+    Returns ``[B_i, K_i, D]`` per mask (a list if ``masks`` was a list, like V-JEPA's
+    ``apply_masks(..., concat=False)``), with an
     affine-free ``F.layer_norm`` over ``D`` when ``layer_norm``. Runs the stem and blocks
     ``1..layer`` only.
     """
@@ -284,17 +166,22 @@ def layer_targets(
         raise ConfigError(
             "target_layer", f"{layer!r} is beyond the target encoder's depth: it has {depth} blocks (allowed 1..{depth})"
         )
-    modules = [*units.stem.modules, *(m for u in units.blocks[:layer] for m in u.modules)]
-    with eval_mode(modules):
-        h = encoder.forward_prefix(clips, [layer])[layer]  # [B, N, D]
+    h = prefix_outputs(encoder, clips, [layer])[layer]  # [B, N, D]
     if layer_norm:  # per token, so normalising before or after the gather is the same
         h = F.layer_norm(h, h.shape[-1:])
+    if masks is None:
+        return h
     index, was_list = normalize_masks(masks, h.shape[0], h.shape[1])
     out = []
     for m in index:
         reps = m.shape[0] // h.shape[0]
         out.append(gather_tokens(h.repeat(reps, 1, 1) if reps > 1 else h, m))
     return out if was_list else out[0]
+
+
+def _flat(items: Sequence[Any]) -> list[torch.Tensor]:
+    """Tensors of a nested list, in order."""
+    return [t for x in items for t in (_flat(x) if isinstance(x, (list, tuple)) else [x])]
 
 
 # ---------------------------------------------------------------------------------- EMA
@@ -364,51 +251,6 @@ class NamedEMA:
         for teacher, student in self._groups(skip).values():
             torch._foreach_mul_(teacher, m)
             torch._foreach_add_(teacher, student, alpha=1.0 - m)
-
-
-# ---------------------------------------------------------------------------------- DDP
-class LayerLockDDP(nn.Module):
-    """``DistributedDataParallel`` that survives freeze events: a drop-in for ``DistributedDataParallel(module,
-    **kwargs)`` (e.g. V-JEPA's ``static_graph=True``).
-
-    DDP registers the parameters that require gradients when it is built, and ``static_graph=True`` also
-    records which of them get one; both break when LayerLock freezes blocks. Before each forward this
-    wrapper compares the current set of trainable parameters with the set its DDP was built for and, if
-    it changed, builds a new DDP (a collective call: LayerLock plans are a pure function of the step, so
-    every rank rebuilds at the same step). Freeze events are few (one per frozen block), so the cost is
-    a handful of rebuilds per run. ``state_dict`` keys are DDP's (``module.*``); ``rebuilds`` counts them.
-    """
-
-    def __init__(self, module: nn.Module, **ddp_kwargs: Any):
-        super().__init__()
-        self.module = module
-        self.ddp_kwargs = dict(ddp_kwargs)
-        self.rebuilds = 0
-        self._build()
-
-    def _trainable_key(self) -> tuple[bool, ...]:
-        return tuple(p.requires_grad for p in self.module.parameters())
-
-    def _build(self) -> None:
-        # kept out of the module tree so that state_dict keys stay "module.*" as with plain DDP
-        object.__setattr__(self, "_ddp", DistributedDataParallel(self.module, **self.ddp_kwargs))
-        self._key = self._trainable_key()
-
-    def rebuild_if_frozen(self) -> bool:
-        """Rebuild the DDP wrapper if parameters froze since it was built; returns whether it did."""
-        if self._trainable_key() == self._key:
-            return False
-        object.__setattr__(self, "_ddp", None)  # drop the old reducer and its hooks first
-        self._build()
-        self.rebuilds += 1
-        return True
-
-    def forward(self, *args, **kwargs):
-        self.rebuild_if_frozen()
-        return self._ddp(*args, **kwargs)
-
-    def no_sync(self):
-        return self._ddp.no_sync()
 
 
 # ---------------------------------------------------------------------------------- the adapter
@@ -499,23 +341,26 @@ class LayerLockAdapter:
             return self.fixed_target_layer
         return max(1, (plan or self.plan).target_layer)
 
-    def targets(self, clips: torch.Tensor, masks_pred: Any, plan: Plan | None = None) -> list[torch.Tensor] | torch.Tensor:
+    def targets(self, clips: torch.Tensor | Sequence[torch.Tensor], masks_pred: Any = None, plan: Plan | None = None) -> Any:
         """V-JEPA's ``forward_target`` for LayerLock: teacher block ``k`` (truncated forward, no autograd),
         affine-free layer norm, gathered at ``masks_pred``. ``clips [B, C, T, H, W]`` -> ``[B_i, K_i, D]``
-        per mask (a list if ``masks_pred`` is a list)."""
+        per mask (a list if ``masks_pred`` is a list), or all tokens ``[B, N, D]`` without ``masks_pred``
+        (V-JEPA 2's ``forward_target``: its ``loss_fn`` applies the masks). V-JEPA 2's multi-sequence
+        batches, a list of clip tensors (one per frames-per-clip), give a list with one result per clip
+        (``masks_pred`` then one entry per clip)."""
+        if isinstance(clips, (list, tuple)):
+            masks = [None] * len(clips) if masks_pred is None else list(masks_pred)
+            if len(masks) != len(clips):
+                raise ValueError(f"masks_pred: {len(masks)} entries for {len(clips)} clip tensors (one per clip tensor)")
+            return [self.targets(c, m, plan) for c, m in zip(clips, masks)]
         return layer_targets(self.teacher, clips, masks_pred, self.target_layer(plan), layer_norm=self.config.target.layer_norm)
 
     # -- after backward ----------------------------------------------------------------------
     def end_step(self, loss: torch.Tensor, targets: torch.Tensor | Sequence[torch.Tensor] | None = None) -> GuardDecision:
         """Collapse guard on this step's loss and targets (every stage: V-JEPA targets are latent from
-        step 0). Skip ``optimizer.step()`` when the returned decision says ``skip``."""
-        latent = None
-        if targets is not None:
-            items = list(targets) if isinstance(targets, (list, tuple)) else [targets]
-            latent = torch.cat([x.detach().reshape(-1, x.shape[-1]) for x in items]).unsqueeze(0)
-        ll = self.layerlock
-        ll.last_decision = ll.guard.check(ll.plan.step, loss, latent)
-        return ll.last_decision
+        step 0; nested lists, as :meth:`targets` gives for V-JEPA 2, are flattened). Skip ``optimizer.step()``
+        when the returned decision says ``skip``."""
+        return self.layerlock.end_step(loss, _flat(targets) if isinstance(targets, (list, tuple)) else targets)
 
     def frozen_student_ids(self) -> frozenset[int]:
         return frozenset(id(p) for p in self.layerlock.freezer.frozen_parameters())

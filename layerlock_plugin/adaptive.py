@@ -156,6 +156,7 @@ class Observation:
     norm_converged: bool
 
     def as_dict(self) -> dict[str, Any]:
+        """Plain data (the checkpoint's ``last`` observation)."""
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
@@ -169,6 +170,7 @@ class Decision:
     reason: str
 
     def as_list(self) -> list[Any]:
+        """``[step, num_frozen, reason]`` (the checkpoint's form)."""
         return [self.step, self.num_frozen, self.reason]
 
 
@@ -205,12 +207,8 @@ class AdaptiveSchedule(Schedule):
     """
 
     def __init__(self, config: ScheduleConfig, units: EncoderUnits):
-        num_layers = units.num_layers
-        max_frozen = config.resolve_max_frozen(num_layers)
-        n_events = math.ceil(max_frozen / config.jump)
-        planned = [min((i + 1) * config.jump, max_frozen) for i in range(n_events)]
-        super().__init__([], [], num_layers, config.freeze_stem)
-        self.depths = tuple(planned)
+        super().__init__([], [], units.num_layers, config.freeze_stem)
+        self.depths = tuple(config.planned_depths(units.num_layers))
         self.config = config
         self.adaptive: AdaptiveConfig = config.adaptive
         self.units = units
@@ -223,6 +221,7 @@ class AdaptiveSchedule(Schedule):
     # -- what is decided ------------------------------------------------------------------------------
     @property
     def done(self) -> bool:
+        """Whether every planned event has been decided."""
         return len(self.decisions) == len(self.depths)
 
     def _record(self, decision: Decision) -> None:
@@ -237,6 +236,7 @@ class AdaptiveSchedule(Schedule):
                 "freeze_stem": self.freeze_stem, "observe_every": a.observe_every, "window": a.window}
 
     def warn_if_longer_than(self, total_steps: int) -> None:
+        """Warn when even the earliest events the guards allow would not all fit in ``total_steps``."""
         a = self.adaptive
         earliest = _round_up(a.min_pixel_steps, a.observe_every) + (len(self.depths) - 1) * _round_up(a.min_interval, a.observe_every)
         if earliest >= total_steps:
@@ -319,6 +319,10 @@ class AdaptiveSchedule(Schedule):
             self._watch = None
         return decision
 
+    def reason(self, stage: int) -> str:
+        """The decided reason of the ``stage``-th event (1-based): converged, max_pixel_steps or max_interval."""
+        return self.decisions[stage - 1].reason if 0 < stage <= len(self.decisions) else ""
+
     def metrics(self) -> dict[str, float]:
         """Signals of the latest observation, namespaced ``layerlock/adaptive/...``."""
         o = self.last
@@ -334,13 +338,17 @@ class AdaptiveSchedule(Schedule):
 
     # -- checkpointing ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The decided events and the signal state (the watched blocks' snapshot), ``weights_only`` loadable."""
         return {"format": STATE_FORMAT, "events": [d.as_list() for d in self.decisions],
                 "last_observed": self.last_observed, "last": self.last.as_dict() if self.last else None,
                 "watch": self._watch.state_dict() if self._watch is not None else None}
 
-    def load_state_dict(self, state: dict[str, Any], next_step: int) -> None:
-        """Restore the decided events and the signal state. Refuses (``CheckpointError``) events that
-        disagree with the config's guards or depths, e.g. after a change of ``schedule.adaptive``."""
+    def load_state_dict(self, state: dict[str, Any] | None, next_step: int) -> None:
+        """Restore the decided events and the signal state. Refuses (``CheckpointError``) a missing state
+        and events that disagree with the config's guards or depths, e.g. after a change of ``schedule.adaptive``."""
+        if state is None:
+            raise CheckpointError("LayerLock state has no 'schedule_state' (the adaptive schedule's decided events); "
+                                  "it was not saved by an adaptive-schedule run")
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise CheckpointError(f"not an adaptive schedule state (format {getattr(state, 'get', lambda k: None)('format')!r}, "
                                   f"expected {STATE_FORMAT!r})")
@@ -407,8 +415,9 @@ def read_recorded_events(path: str | Path) -> list[tuple[int, int]]:
     """``[(step, num_frozen), ...]`` decided in an earlier run.
 
     ``path``: a run folder (its ``events.jsonl``, as the reference trainer writes it) or a
-    ``events.jsonl`` file; rows re-applied on resume (``"resumed": true``) are skipped. The target
-    layer is read as the depth, so runs of baselines that do not freeze (``latent-naive``) replay too.
+    ``events.jsonl`` file; rows re-applied on resume (``"resumed": true``) are skipped. The depth is the
+    larger of ``num_frozen`` and ``target_layer``, so runs of the baselines that do not freeze
+    (``latent-naive``) or keep pixel targets (``freeze-only``) replay too.
     """
     path = Path(path)
     file = path / "events.jsonl" if path.is_dir() else path
@@ -423,7 +432,7 @@ def read_recorded_events(path: str | Path) -> list[tuple[int, int]]:
                 row = json.loads(line)
                 if row.get("resumed"):
                     continue
-                step, depth = int(row["step"]), int(row["target_layer"])
+                step, depth = int(row["step"]), max(int(row["num_frozen"]), int(row["target_layer"]))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
                 raise ConfigError("schedule.events", f"{file}:{n} is not an event row ({e})") from e
             if depth > 0 and (not events or depth > events[-1][1]):

@@ -52,13 +52,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def require_keys(checkpoint: Mapping, keys: list[str], path: str | os.PathLike = "checkpoint") -> None:
+    """Refuse a checkpoint that lacks any of ``keys``, naming them and what it holds."""
     missing = [k for k in keys if k not in checkpoint]
     if missing:
         raise CheckpointError(f"{path} lacks the entries {missing}; found {sorted(checkpoint)}")
 
 
 def check_model_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Refuse a state dict from a different model, naming the mismatching keys (before loading anything)."""
+    """Refuse a state dict ``{name: tensor}`` from a different model, naming the missing, unexpected and
+    shape-mismatched keys (``[shape]`` of each side) before anything is loaded."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]

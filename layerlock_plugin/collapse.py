@@ -89,6 +89,8 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 class CollapseGuard:
+    """Checks a step's loss and latent target against :class:`GuardConfig` and applies its policy."""
+
     def __init__(self, config: GuardConfig):
         self.config = config
         self.below = 0  # consecutive checks below threshold
@@ -136,9 +138,11 @@ class CollapseGuard:
         return decision
 
     def state_dict(self) -> dict:
+        """Trip counters and the latest statistics (plain data)."""
         return {"below": self.below, "trips": self.trips, "last_stats": dict(self.last_stats)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
         self.below = int(state["below"])
         self.trips = int(state["trips"])
         self.last_stats = dict(state.get("last_stats", {}))

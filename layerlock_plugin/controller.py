@@ -18,14 +18,21 @@ Resume: build model and optimizer, call ``ll.load_state_dict(...)`` (which re-ap
 the restored step), *then* load the optimizer state.
 
 Schedules: ``config.schedule.kind`` picks the explicit, adaptive or recorded schedule
-(:func:`~layerlock_plugin.schedule.build_schedule`). The adaptive one observes the encoder inside
-``begin_step`` (no new host call); its decided events are part of :meth:`LayerLock.state_dict`.
+(:func:`build_schedule`); any :class:`~layerlock_plugin.schedule.Schedule` can be passed instead. The
+controller drives it through the schedule protocol: ``observe(step)`` inside ``begin_step`` (the
+adaptive schedule decides its events there, no new host call), ``plan``, ``reason``, ``metrics`` and
+``state_dict`` (the adaptive schedule's decided events are part of :meth:`LayerLock.state_dict`).
+
+What an integration needs beyond the loop above is public here or in :mod:`layerlock_plugin.integration`:
+:attr:`LayerLock.optimizers`, :attr:`LayerLock.last_decision`, :attr:`LayerLock.last_targets`, :meth:`LayerLock.target_layers` (the
+blocks a plan's targets need), :meth:`LayerLock.readout_layers` (every block the schedule can target:
+one readout head each) and ``end_step`` on targets a host computed itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +41,11 @@ import torch
 from . import _validate as v
 from ._config import from_dict, to_dict
 from .collapse import CollapseGuard, GuardConfig, GuardDecision
-from .encoder import LayeredEncoder, accepts_token_idx, as_layered_encoder
+from .adaptive import AdaptiveSchedule
+from .encoder import EncoderUnits, LayeredEncoder, accepts_token_idx, as_layered_encoder
 from .errors import CheckpointError, ConfigError
 from .freezing import Freezer
-from .schedule import Plan, Schedule, ScheduleConfig, build_schedule
+from .schedule import FreezeSchedule, Plan, RecordedSchedule, Schedule, ScheduleConfig
 from .targets import TargetConfig, TargetSelector, target_loss
 from .warmup import LRScaler, WarmupConfig, switch_warmup_factor, warn_if_warmup_outlasts_switches
 
@@ -48,6 +56,17 @@ METHODS: dict[str, tuple[bool, str]] = {
     "freeze-only": (True, "pixels"),
     "latent-naive": (False, "latent"),
 }
+
+
+def build_schedule(config: ScheduleConfig, units: EncoderUnits) -> Schedule:
+    """The schedule ``config.kind`` asks for, for an encoder whose freezable units are ``units``
+    (the adaptive schedule watches their parameters)."""
+    if config.kind == "recorded":
+        config.resolve_max_frozen(units.num_layers)
+        return RecordedSchedule.from_events(config.events, units.num_layers, config.freeze_stem)
+    if config.kind == "adaptive":
+        return AdaptiveSchedule(config, units)
+    return FreezeSchedule(config, units.num_layers)
 
 
 @dataclass(frozen=True)
@@ -65,9 +84,11 @@ class LayerLockConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, prefix: str = "layerlock") -> LayerLockConfig:
+        """Build from a plain (YAML) mapping; unknown keys and bad values name ``prefix.field``."""
         return from_dict(cls, data, prefix)
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain, YAML-friendly dict (the inverse of :meth:`from_dict`)."""
         return to_dict(self)
 
     def with_method(self, method: str) -> LayerLockConfig:
@@ -90,6 +111,7 @@ class LayerLockEvent:
     reason: str = ""  # why an adaptive schedule decided this event (converged / max_interval ...); "" otherwise
 
     def describe(self) -> str:
+        """One line for a log, e.g. ``step 600: froze stem, block_1 (1 blocks frozen); target -> layer_1``."""
         if self.resumed:  # re-applied from the plan of the last completed step: the run continues at step + 1
             frozen = f"{', '.join(self.newly_frozen)} frozen ({self.num_frozen} blocks); " if self.newly_frozen else ""
             return f"resuming at step {self.step + 1}: {frozen}target {', '.join(self.heads)}"
@@ -111,7 +133,16 @@ def _shortest_switch_gap(config: ScheduleConfig, schedule: Schedule) -> int | No
 
 
 class LayerLock:
-    """Drives LayerLock for one encoder and (optionally) one optimizer."""
+    """Drives LayerLock for one encoder and any number of optimizers (see the module docstring).
+
+    Args:
+        encoder: a layered encoder (:mod:`layerlock_plugin.encoder`); its blocks freeze from the input side.
+        config: :class:`LayerLockConfig` (default: the paper's method with default knobs).
+        optimizer: optional; same as :meth:`attach_optimizer` later.
+        tubelet: patch size ``(pt, ph, pw)`` (``(1, p, p)`` for images) for pixel targets.
+        schedule: a :class:`~layerlock_plugin.schedule.Schedule` instead of ``config.schedule``'s.
+        total_steps: warns when the schedule would not finish within the run.
+    """
 
     def __init__(
         self,
@@ -143,29 +174,42 @@ class LayerLock:
         self.selector = TargetSelector(self.config.target, tubelet)
         self.guard = CollapseGuard(self.config.guard)
         self._scalers: list[LRScaler] = []
+        self.last_decision = GuardDecision()
+        self.last_targets: dict[str, torch.Tensor] | None = None
         if optimizer is not None:
             self.attach_optimizer(optimizer)
         self._listeners: list[Callable[[LayerLockEvent], None]] = []
         self._heads: tuple[str, ...] = ()
         self.plan: Plan = self.plan_at(0)
         self.next_step = 0
-        self.last_decision = GuardDecision()
 
     # -- wiring -----------------------------------------------------------------------------
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Let LayerLock free frozen parameters' state in ``optimizer`` and scale its LR in warmups."""
+        """Let LayerLock free frozen parameters' state in ``optimizer`` and scale its LR in warmups.
+        Attaching an optimizer that is attached already does nothing."""
+        if any(optimizer is o for o in self.optimizers):
+            return
         self.freezer.attach_optimizer(optimizer)
-        self._scalers.append(LRScaler(optimizer))
+        self._scalers.append(LRScaler(optimizer))  # its factor is set by the next begin_step
+
+    @property
+    def optimizers(self) -> tuple[torch.optim.Optimizer, ...]:
+        """The attached optimizers, in the order they were attached."""
+        return tuple(s.optimizer for s in self._scalers)
 
     def on_event(self, callback: Callable[[LayerLockEvent], None]) -> None:
+        """Call ``callback(event)`` at every freeze event / target switch (also when re-applied on resume)."""
         self._listeners.append(callback)
 
     # -- the plan -----------------------------------------------------------------------------
     def plan_at(self, step: int) -> Plan:
-        """The effective plan at ``step`` (baselines with ``freeze=False`` never freeze)."""
+        """The effective plan at ``step``: the schedule's, except that baselines with ``freeze=False``
+        never freeze and those with pixel targets (``target.kind: pixels``) keep ``target_layer == 0``."""
         plan = self.schedule.plan(step)
         if not self.config.freeze:
             plan = dataclasses.replace(plan, num_frozen=0, stem_frozen=False)
+        if self.config.target.kind == "pixels":
+            plan = dataclasses.replace(plan, target_layer=0)
         return plan
 
     def begin_step(self, step: int) -> Plan:
@@ -173,9 +217,8 @@ class LayerLock:
 
         An adaptive schedule first observes the encoder (parameters as after the previous optimizer
         step) and may decide that an event happens at ``step``; every rank decides the same."""
-        observe = getattr(self.schedule, "observe", None)
-        if observe is not None:
-            observe(step)
+        self.schedule.observe(step)
+        self.last_decision, self.last_targets = GuardDecision(), None  # nothing computed or checked yet this step
         self._apply(self.plan_at(step), resumed=False)
         self.next_step = step + 1
         return self.plan
@@ -188,7 +231,7 @@ class LayerLock:
             self._heads = heads
             if not (first and not newly and plan.stage == 0):  # the initial pixel target is no event
                 event = LayerLockEvent(plan.step, plan.num_frozen, plan.target_layer, heads, tuple(newly), resumed,
-                                       self._reason(plan))
+                                       self.schedule.reason(plan.stage))
                 for cb in self._listeners:
                     cb(event)
         self.plan = plan
@@ -196,12 +239,8 @@ class LayerLock:
         for s in self._scalers:
             s.factor = factor
 
-    def _reason(self, plan: Plan) -> str:
-        """The adaptive schedule's reason for the event in effect at ``plan`` ("" for other schedules)."""
-        decisions = getattr(self.schedule, "decisions", None)
-        return decisions[plan.stage - 1].reason if decisions and plan.stage else ""
-
     def warmup_factor(self, plan: Plan) -> float:
+        """The switch-warmup LR multiplier of ``plan`` (1 outside a warmup and for pixel targets)."""
         return switch_warmup_factor(self.config.warmup, plan, switches_target=self.config.target.kind == "latent")
 
     def frozen_prefix(self, plan: Plan | None = None) -> int:
@@ -211,23 +250,49 @@ class LayerLock:
 
     # -- targets and loss -------------------------------------------------------------------------
     def heads(self, plan: Plan | None = None) -> list[str]:
+        """Head names of ``plan``'s targets (default: the current plan), e.g. ``["pixels"]`` or ``["layer_3"]``."""
         return self.selector.heads(plan or self.plan)
+
+    def target_layers(self, plan: Plan | None = None) -> list[int]:
+        """The blocks whose outputs are ``plan``'s targets (``[]``: pixels); the target pass runs to the deepest."""
+        return self.selector.layers(plan or self.plan)
+
+    def readout_layers(self) -> list[int]:
+        """Every block the schedule can make a target, ascending: a host that pre-creates one readout per
+        possible target builds one for each (``[]`` for pixel-target methods)."""
+        depths = self.schedule.depths
+        if self.config.target.kind == "pixels" or not depths:
+            return []
+        return list(range(1, depths[-1] + 1)) if self.config.target.mode == "multi" else list(depths)
 
     def targets(self, inputs: torch.Tensor, plan: Plan | None, query_idx: torch.Tensor,
                 visible_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Targets per head at ``query_idx [B, Q]``; ``visible_idx [B, V]`` (the student's visible tokens)
-        joins the target pass's context when ``target.context`` is ``"sparse"`` and is ignored otherwise."""
-        return self.selector.compute(self.encoder, inputs, plan or self.plan, query_idx, visible_idx)
+        joins the target pass's context when ``target.context`` is ``"sparse"`` and is ignored otherwise.
+        The result is also kept as :attr:`last_targets` until the next ``begin_step``."""
+        self.last_targets = self.selector.compute(self.encoder, inputs, plan or self.plan, query_idx, visible_idx)
+        return self.last_targets
 
     @staticmethod
     def loss(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        """MSE per head, ``{head: [B, Q, P]}`` each, averaged over heads: ``(loss, {head: float})``."""
         return target_loss(predictions, targets)
 
-    def end_step(self, loss: torch.Tensor, targets: dict[str, torch.Tensor] | None = None) -> GuardDecision:
-        """Run the collapse guard on this step's loss and newest latent target."""
+    def end_step(self, loss: torch.Tensor,
+                 targets: dict[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor] | None = None) -> GuardDecision:
+        """Run the collapse guard on this step's scalar ``loss`` and latent target; the decision is kept
+        as :attr:`last_decision` (see :func:`~layerlock_plugin.integration.skip_update`).
+
+        ``targets``: the dict :meth:`targets` returned (its newest latent head is checked; pixels are
+        not), or latent targets a host computed itself: a ``[..., D]`` tensor or a list of them (e.g. one
+        per mask), checked together."""
         latent = None
-        if targets and self.selector.layers(self.plan):
-            latent = targets[self.selector.heads(self.plan)[-1]]
+        if isinstance(targets, dict):
+            if targets and self.target_layers(self.plan):
+                latent = targets[self.heads(self.plan)[-1]]
+        elif targets is not None:
+            items = [targets] if isinstance(targets, torch.Tensor) else list(targets)
+            latent = torch.cat([x.detach().reshape(-1, x.shape[-1]) for x in items]).unsqueeze(0)
         self.last_decision = self.guard.check(self.plan.step, loss, latent)
         return self.last_decision
 
@@ -241,9 +306,7 @@ class LayerLock:
             "layerlock/guard_trips": float(self.guard.trips),
         }
         out.update({f"layerlock/{k}": v for k, v in self.guard.last_stats.items()})
-        schedule_metrics = getattr(self.schedule, "metrics", None)
-        if schedule_metrics is not None:
-            out.update(schedule_metrics())
+        out.update(self.schedule.metrics())
         return out
 
     # -- checkpointing -------------------------------------------------------------------------------
@@ -251,10 +314,10 @@ class LayerLock:
         return {"schedule": self.schedule.describe(), "freeze": self.config.freeze, "target": to_dict(self.config.target)}
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"format": "layerlock/1", "next_step": self.next_step, **self._identity(), "guard": self.guard.state_dict()}
-        if hasattr(self.schedule, "state_dict"):  # the adaptive schedule's decided events and signal state
-            state["schedule_state"] = self.schedule.state_dict()
-        return state
+        """Plain data (``weights_only`` loadable): the step, what must match on resume, the guard's and
+        the schedule's state (the adaptive schedule's decided events and signal state)."""
+        return {"format": "layerlock/1", "next_step": self.next_step, **self._identity(), "guard": self.guard.state_dict(),
+                "schedule_state": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore and re-apply the freezing of the last completed step. Call before loading the
@@ -266,15 +329,11 @@ class LayerLock:
         diffs = [f"{k}: checkpoint {state.get(k)!r} vs config {ours[k]!r}" for k in ours if state.get(k) != ours[k]]
         if diffs:
             raise CheckpointError("LayerLock state was saved with a different config; " + "; ".join(diffs))
-        if hasattr(self.schedule, "load_state_dict"):
-            if "schedule_state" not in state:
-                raise CheckpointError("LayerLock state has no 'schedule_state' (the adaptive schedule's decided events); "
-                                      "it was not saved by an adaptive-schedule run")
-            self.schedule.load_state_dict(state["schedule_state"], int(state["next_step"]))
+        self.schedule.load_state_dict(state.get("schedule_state"), int(state["next_step"]))
         self.guard.load_state_dict(state["guard"])
         self.next_step = int(state["next_step"])
         if self.next_step > 0:
             self._apply(self.plan_at(self.next_step - 1), resumed=True)
 
 
-__all__ = ["METHODS", "LayerLock", "LayerLockConfig", "LayerLockEvent", "ConfigError"]
+__all__ = ["METHODS", "LayerLock", "LayerLockConfig", "LayerLockEvent", "ConfigError", "build_schedule"]

@@ -34,6 +34,11 @@ from torch import nn
 from .errors import EncoderStructureError
 
 
+def block_name(k: int) -> str:
+    """The name of freezable block ``k`` (1-based) in events and logs: ``"block_k"``, beside the heads' ``"layer_k"``."""
+    return f"block_{k}"
+
+
 @dataclass(frozen=True)
 class FreezeUnit:
     """One thing that freezes at once: some modules plus loose parameters (e.g. a ``pos_embed``).
@@ -48,6 +53,7 @@ class FreezeUnit:
 
     @property
     def params(self) -> tuple[nn.Parameter, ...]:
+        """Every parameter of the unit, each once, in module order then ``extra_params``."""
         seen: dict[int, nn.Parameter] = {}
         for m in self.modules:
             for p in m.parameters():
@@ -59,21 +65,29 @@ class FreezeUnit:
 
 @dataclass(frozen=True)
 class EncoderUnits:
-    """The stem and the freezable blocks of an encoder, in depth order."""
+    """The stem and the freezable blocks of an encoder, in depth order (named ``"stem"`` and
+    :func:`block_name`, by convention)."""
 
     stem: FreezeUnit
     blocks: tuple[FreezeUnit, ...]
 
     @property
     def num_layers(self) -> int:
+        """Number of freezable blocks."""
         return len(self.blocks)
 
 
 @runtime_checkable
 class LayeredEncoder(Protocol):
-    def layerlock_units(self) -> EncoderUnits: ...
+    """The protocol (module docstring): ``layerlock_units()`` and ``forward_prefix(inputs, layers) -> {k: [B, N, D]}``."""
 
-    def forward_prefix(self, inputs: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]: ...
+    def layerlock_units(self) -> EncoderUnits:
+        """The stem and the freezable blocks, in depth order."""
+        ...
+
+    def forward_prefix(self, inputs: torch.Tensor, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """``{k: [B, N, D]}`` for each block ``k`` in ``layers`` on the full ``inputs``; stops at ``max(layers)``."""
+        ...
 
 
 def as_layered_encoder(model: object) -> LayeredEncoder:

@@ -38,9 +38,11 @@ class Freezer:
             optimizer.state.pop(p, None)
 
     def frozen_units(self) -> list[FreezeUnit]:
+        """The frozen units, stem first."""
         return ([self.units.stem] if self.stem_frozen else []) + list(self.units.blocks[: self.num_frozen])
 
     def frozen_parameters(self) -> list[nn.Parameter]:
+        """Every parameter of the frozen units."""
         return [p for u in self.frozen_units() for p in u.params]
 
     def apply(self, num_frozen: int, stem: bool) -> list[str]:
@@ -75,6 +77,7 @@ class Freezer:
             self._hooks.append(m.register_forward_pre_hook(_stay_in_eval))
 
     def remove_hooks(self) -> None:
+        """Remove the eval-mode pre-hooks of the frozen modules (their weights stay frozen)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []

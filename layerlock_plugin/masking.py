@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _validate as v
+
 __all__ = [
     "num_masked",
     "random_masking",
@@ -27,21 +29,6 @@ __all__ = [
     "mask_to_indices",
     "subsample_indices",
 ]
-
-
-def _check_pos_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_fraction(name: str, value: object, *, closed_right: bool) -> float:
-    ok = not isinstance(value, bool) and isinstance(value, (int, float))
-    v = float(value) if ok else math.nan  # type: ignore[arg-type]
-    if not (0.0 < v < 1.0 or (closed_right and v == 1.0)):
-        rng = "(0, 1]" if closed_right else "(0, 1)"
-        raise ValueError(f"{name}: must be a number in {rng}, got {value!r}")
-    return v
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device) -> torch.Tensor:
@@ -57,8 +44,8 @@ def num_masked(num_tokens: int, mask_ratio: float) -> int:
 
     Raises ``ValueError`` unless ``1 <= M <= num_tokens - 1`` (both sets must be non-empty).
     """
-    _check_pos_int("num_tokens", num_tokens)
-    ratio = _check_fraction("mask_ratio", mask_ratio, closed_right=False)
+    v.positive_int("num_tokens", num_tokens)
+    ratio = v.fraction("mask_ratio", mask_ratio, allow_one=False)
     m = math.floor(ratio * num_tokens + 0.5)
     if not 1 <= m <= num_tokens - 1:
         raise ValueError(
@@ -81,7 +68,7 @@ def random_masking(
     Returns ``(visible_idx [B, V], masked_idx [B, M])``, both ``int64`` and sorted ascending per row,
     disjoint, together covering ``0..N-1``; ``M = num_masked(N, mask_ratio)``, ``V = N - M``.
     """
-    b = _check_pos_int("batch_size", batch_size)
+    b = v.positive_int("batch_size", batch_size)
     m = num_masked(num_tokens, mask_ratio)
     perm = _rand((b, num_tokens), generator, device).argsort(dim=1)
     visible = perm[:, : num_tokens - m].sort(dim=1).values
@@ -105,7 +92,7 @@ def tube_masking(
     """
     if len(grid) != 3:
         raise ValueError(f"grid: must be (T, H, W), got {tuple(grid)!r}")
-    t, h, w = (_check_pos_int(f"grid[{i}]", g) for i, g in enumerate(grid))
+    t, h, w = (v.positive_int(f"grid[{i}]", g) for i, g in enumerate(grid))
     vis_s, mask_s = random_masking(batch_size, h * w, mask_ratio, generator=generator, device=device)
     # Slot t, spatial s -> token t*HW + s. Iterating t outermost keeps every row sorted.
     offsets = torch.arange(t, device=vis_s.device).mul_(h * w).view(1, t, 1)
@@ -115,7 +102,7 @@ def tube_masking(
 
 def indices_to_mask(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """``idx [B, K]`` token positions -> ``bool [B, N]`` with ``True`` at those positions (= masked)."""
-    _check_pos_int("num_tokens", num_tokens)
+    v.positive_int("num_tokens", num_tokens)
     if idx.dim() != 2:
         raise ValueError(f"idx: must be [B, K], got shape {tuple(idx.shape)}")
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= num_tokens):
@@ -153,7 +140,7 @@ def subsample_indices(
     ``M' = max(1, round(fraction * M))`` (halves round up). Used to put the loss (and the decoder's
     queries) on only part of the masked patches; ``fraction=1`` returns every position, sorted.
     """
-    frac = _check_fraction("fraction", fraction, closed_right=True)
+    frac = v.fraction("fraction", fraction)
     if idx.dim() != 2 or idx.shape[1] == 0:
         raise ValueError(f"idx: must be a non-empty [B, M] tensor, got shape {tuple(idx.shape)}")
     b, m = idx.shape

@@ -16,7 +16,12 @@ decided). Both give a plan for any step without any state, so resume only needs 
 above), ``adaptive`` (:class:`layerlock_plugin.adaptive.AdaptiveSchedule`: the event steps are decided
 during training from per-block convergence signals, configured by ``ScheduleConfig.adaptive``) or
 ``recorded`` (replays ``ScheduleConfig.events``, e.g. the events an adaptive run decided).
-:func:`build_schedule` turns a config into a schedule.
+:func:`layerlock_plugin.controller.build_schedule` turns a config into a schedule.
+
+The schedule protocol is the :class:`Schedule` base class: ``plan(step)``, ``observe(step)``,
+``metrics()``, ``reason(stage)``, ``state_dict()`` / ``load_state_dict(state, next_step)``,
+``describe()`` and ``warn_if_longer_than(total_steps)``. The controller calls every one of them on
+any schedule; the explicit and recorded schedules keep the base class's stateless defaults.
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ class Plan:
     """What LayerLock does at one training step.
 
     ``num_frozen`` blocks (1-based ``1..num_frozen``) are frozen; the stem too when ``stem_frozen``.
-    ``target_layer`` is the block whose output is the latent target (0 means pixels).
+    ``target_layer`` is the deepest block whose output is a latent target (0 means pixels). A schedule's
+    plans follow LayerLock's rule, the target is the newest frozen block (``target_layer == num_frozen``);
+    the controller's effective plan differs for the baselines: ``target.kind: pixels`` has
+    ``target_layer == 0`` (MAE, freeze-only), ``freeze: false`` has ``num_frozen == 0`` (latent-naive).
     ``stage`` counts the freeze events so far; ``steps_since_switch`` counts steps since the latest
     one (since step 0 in the pixel phase); ``is_switch`` is true on the step of an event.
     """
@@ -51,6 +59,7 @@ class Plan:
     is_switch: bool
 
     def as_dict(self) -> dict[str, Any]:
+        """Plain data, for logs."""
         return asdict(self)
 
 
@@ -192,6 +201,11 @@ class ScheduleConfig:
         if self.kind != "recorded" and events:
             raise ConfigError("schedule.events", f"is only used with schedule.kind: recorded (kind is {self.kind!r})")
 
+    def planned_depths(self, num_layers: int) -> list[int]:
+        """Frozen depth after each freeze event: ``jump`` more blocks per event up to ``max_frozen``."""
+        max_frozen = self.resolve_max_frozen(num_layers)
+        return [min((i + 1) * self.jump, max_frozen) for i in range(math.ceil(max_frozen / self.jump))]
+
     def resolve_max_frozen(self, num_layers: int) -> int:
         """The number of blocks that will be frozen at the end, checked against the encoder."""
         if self.kind == "recorded":
@@ -220,7 +234,12 @@ class ScheduleConfig:
 
 
 class Schedule:
-    """A schedule given by the sorted steps of its freeze events and the depth after each."""
+    """A schedule given by the sorted steps of its freeze events and the depth after each.
+
+    This base class is the schedule protocol the controller drives (module docstring). ``plan`` is a
+    pure function of the event list and the step; the hooks below are no-ops for schedules whose events
+    are fixed in advance and are overridden by schedules that decide them during training.
+    """
 
     def __init__(self, event_steps: Sequence[int], depths: Sequence[int], num_layers: int, freeze_stem: bool):
         if len(event_steps) != len(depths):
@@ -241,13 +260,16 @@ class Schedule:
 
     @property
     def max_frozen(self) -> int:
+        """Blocks frozen after the last event (0: never freezes)."""
         return self.depths[-1] if self.depths else 0
 
     @property
     def last_event_step(self) -> int:
+        """Step of the last freeze event (0 without events)."""
         return self.event_steps[-1] if self.event_steps else 0
 
     def plan(self, step: int) -> Plan:
+        """The :class:`Plan` of the training step with 0-based index ``step``: a pure function of the events."""
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         stage = bisect.bisect_right(self.event_steps, step)
@@ -267,18 +289,35 @@ class Schedule:
         """``[(step, num_frozen), ...]`` for every freeze event."""
         return list(zip(self.event_steps, self.depths))
 
+    def observe(self, step: int) -> Any:
+        """Called by the controller at the start of every step, before ``plan(step)``; may add events."""
+        return None
+
+    def reason(self, stage: int) -> str:
+        """Why the ``stage``-th event (1-based) happens ("" when the schedule fixed it in advance)."""
+        return ""
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars about the schedule's own signals, namespaced ``layerlock/...`` (none here)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """State beyond the config (none: the plan is recomputed from the step on resume)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any] | None, next_step: int) -> None:
+        """Restore :meth:`state_dict` of a run that stopped before ``next_step`` (nothing to restore)."""
+
     def warn_if_longer_than(self, total_steps: int) -> None:
         """Warn when the run ends before the schedule's last event (the schedule would be cut short)."""
         if self.event_steps and self.last_event_step >= total_steps:
             reached = self.plan(max(total_steps - 1, 0)).num_frozen
-            warnings.warn(
-                f"schedule: the last freeze event is at step {self.last_event_step} but the run has "
-                f"{total_steps} steps; only {reached} of {self.max_frozen} blocks will be frozen. "
-                f"Shorten schedule.pixel_steps / schedule.interval or lower schedule.max_frozen.",
-                stacklevel=2,
-            )
+            warnings.warn(f"schedule: the last freeze event is at step {self.last_event_step} but the run has "
+                          f"{total_steps} steps; only {reached} of {self.max_frozen} blocks will be frozen. Shorten "
+                          f"schedule.pixel_steps / schedule.interval or lower schedule.max_frozen.", stacklevel=2)
 
     def describe(self) -> dict[str, Any]:
+        """What must match between a checkpoint and the config that resumes it."""
         return {"event_steps": list(self.event_steps), "depths": list(self.depths),
                 "num_layers": self.num_layers, "freeze_stem": self.freeze_stem}
 
@@ -289,10 +328,8 @@ class FreezeSchedule(Schedule):
     def __init__(self, config: ScheduleConfig, num_layers: int):
         v.positive_int("encoder.num_layers", num_layers)
         self.config = config
-        max_frozen = config.resolve_max_frozen(num_layers)
-        n_events = math.ceil(max_frozen / config.jump)
-        steps = [config.pixel_steps + i * config.interval for i in range(n_events)]
-        depths = [min((i + 1) * config.jump, max_frozen) for i in range(n_events)]
+        depths = config.planned_depths(num_layers)
+        steps = [config.pixel_steps + i * config.interval for i in range(len(depths))]
         super().__init__(steps, depths, num_layers, config.freeze_stem)
 
 
@@ -301,6 +338,7 @@ class RecordedSchedule(Schedule):
 
     @classmethod
     def from_events(cls, events: Sequence[Sequence[int]], num_layers: int, freeze_stem: bool = True) -> RecordedSchedule:
+        """From ``[(step, num_frozen), ...]`` (e.g. ``schedule.events`` of a config)."""
         steps = [int(e[0]) for e in events]
         depths = [int(e[1]) for e in events]
         return cls(steps, depths, num_layers, freeze_stem)
@@ -311,17 +349,3 @@ class NoFreezing(Schedule):
 
     def __init__(self, num_layers: int):
         super().__init__([], [], num_layers, False)
-
-
-def build_schedule(config: ScheduleConfig, units: Any) -> Schedule:
-    """The schedule ``config.kind`` asks for, for an encoder whose freezable units are ``units``
-    (:class:`~layerlock_plugin.encoder.EncoderUnits`; the adaptive schedule watches their parameters)."""
-    num_layers = units.num_layers
-    if config.kind == "recorded":
-        config.resolve_max_frozen(num_layers)
-        return RecordedSchedule.from_events(config.events, num_layers, config.freeze_stem)
-    if config.kind == "adaptive":
-        from .adaptive import AdaptiveSchedule  # adaptive builds on this module
-
-        return AdaptiveSchedule(config, units)
-    return FreezeSchedule(config, num_layers)

@@ -110,6 +110,16 @@ def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
             m.training = mode
 
 
+def prefix_outputs(encoder: LayeredEncoder, inputs: torch.Tensor, layers: Sequence[int], **kwargs) -> dict[int, torch.Tensor]:
+    """``encoder.forward_prefix(inputs, layers, **kwargs)`` -> ``{k: [B, N, D]}`` with the stem and blocks
+    ``1..max(layers)`` in eval mode (dropout / drop-path off), as a target pass needs; no autograd is
+    switched off here (wrap the call in ``torch.no_grad()``)."""
+    units = encoder.layerlock_units()
+    modules = [*units.stem.modules, *(m for u in units.blocks[: max(layers)] for m in u.modules)]
+    with eval_mode(modules):
+        return encoder.forward_prefix(inputs, layers, **kwargs)
+
+
 class TargetSelector:
     """Picks the head names for a plan and computes their targets at the query positions."""
 
@@ -126,6 +136,7 @@ class TargetSelector:
         return [plan.target_layer]
 
     def heads(self, plan: Plan) -> list[str]:
+        """Head names of ``plan``'s targets: ``["pixels"]`` or ``["layer_k", ...]``."""
         layers = self.layers(plan)
         return [head_name(k) for k in layers] if layers else [PIXELS]
 
@@ -144,16 +155,12 @@ class TargetSelector:
                 raise ValueError("TargetSelector needs the tubelet (patch size) to build pixel targets")
             pix = pixel_targets(video, self.tubelet, self.config.normalize_pixels)
             return {PIXELS: gather_tokens(pix, query_idx)}
-        units = encoder.layerlock_units()
-        deepest = max(layers)
-        modules = [*units.stem.modules, *(m for u in units.blocks[:deepest] for m in u.modules)]
         sparse = self.config.context == "sparse"
-        with eval_mode(modules):
-            if sparse:
-                context = query_idx if visible_idx is None else torch.cat([query_idx, visible_idx], dim=1)
-                outputs = encoder.forward_prefix(video, layers, token_idx=context)  # type: ignore[call-arg]
-            else:
-                outputs = encoder.forward_prefix(video, layers)
+        if sparse:
+            context = query_idx if visible_idx is None else torch.cat([query_idx, visible_idx], dim=1)
+            outputs = prefix_outputs(encoder, video, layers, token_idx=context)
+        else:
+            outputs = prefix_outputs(encoder, video, layers)
         targets = {}
         for k in layers:
             # sparse: the queries are the first Q context tokens
@@ -165,7 +172,8 @@ class TargetSelector:
 
 
 def target_loss(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean-squared error averaged over heads (equal weight): returns the loss and a float per head."""
+    """Mean-squared error per head, ``predictions[h]`` and ``targets[h]`` both ``[B, Q, P]``, averaged over
+    the heads (equal weight): returns the scalar loss and a float per head."""
     missing = set(targets) - set(predictions)
     if missing:
         raise KeyError(f"predictions lack heads {sorted(missing)}; got {sorted(predictions)}")

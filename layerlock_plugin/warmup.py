@@ -71,6 +71,7 @@ class LRScaler:
             self._saved = None
 
     def remove(self) -> None:
+        """Remove the optimizer step hooks (the LR is no longer scaled)."""
         for h in self._handles:
             h.remove()
         self._handles = []

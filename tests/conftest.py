@@ -63,6 +63,49 @@ class ToyEncoder(nn.Module):
         return self.head(h)
 
 
+def perturbed_copy(module: nn.Module, scale: float = 0.05) -> nn.Module:
+    """A frozen deep copy of ``module`` with every parameter shifted by ``scale`` x N(0, 1) (a teacher that
+    differs from its student)."""
+    import copy
+
+    other = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn_like(p))
+            p.requires_grad_(False)
+    return other
+
+
+def vjepa_step(ex, adapter, encoder, predictor, optimizer, collator, seed: int) -> torch.Tensor:
+    """One V-JEPA train step (the example's tiny modules, random clips seeded by ``seed``) through the adapter;
+    the optimizer steps unless the guard says skip. Returns the loss."""
+    torch.manual_seed(seed)
+    (clips,), masks_enc, masks_pred = collator([(c,) for c in torch.rand(4, 3, ex.FRAMES, ex.CROP, ex.CROP)])
+    h = adapter.targets(clips, masks_pred)
+    z = predictor(encoder(clips, masks_enc), h, masks_enc, masks_pred)
+    loss = sum((zi - hi).abs().mean() for zi, hi in zip(z, h)) / len(z)
+    loss.backward()
+    if not adapter.end_step(loss, h).skip:
+        optimizer.step()
+    optimizer.zero_grad()
+    return loss
+
+
+def stop_and_resume(main, ckpt, steps: int, stop: int) -> tuple[dict, dict, dict]:
+    """An example's ``main`` uninterrupted, then stopped after ``stop`` steps (checkpoint at ``ckpt``) and
+    resumed; asserts the losses and the encoder / teacher / predictor weights are bitwise those of the
+    uninterrupted run. Returns ``(full, resumed, checkpoint at the stop)``."""
+    full = main(["--steps", str(steps), "--quiet"])
+    first = main(["--steps", str(steps), "--quiet", "--ckpt", str(ckpt), "--stop-at", str(stop)])
+    mid = torch.load(ckpt, weights_only=True)
+    second = main(["--steps", str(steps), "--quiet", "--ckpt", str(ckpt)])
+    assert first["losses"] + second["losses"] == full["losses"]
+    for key in ("encoder", "target_encoder", "predictor"):
+        a, b = full[key].state_dict(), second[key].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), f"{key} differs after resume"
+    return full, second, mid
+
+
 @pytest.fixture
 def toy_encoder():
     torch.manual_seed(0)

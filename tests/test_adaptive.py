@@ -12,9 +12,9 @@ import torch
 from conftest import ToyEncoder
 from layerlock_plugin._config import from_dict
 from layerlock_plugin.adaptive import AdaptiveSchedule, main as adaptive_main, read_recorded_events, recorded_schedule_config
-from layerlock_plugin.controller import LayerLock, LayerLockConfig
+from layerlock_plugin.controller import LayerLock, LayerLockConfig, build_schedule
 from layerlock_plugin.errors import CheckpointError, ConfigError
-from layerlock_plugin.schedule import AdaptiveConfig, RecordedSchedule, ScheduleConfig, build_schedule
+from layerlock_plugin.schedule import AdaptiveConfig, RecordedSchedule, ScheduleConfig
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -79,7 +79,7 @@ def test_step_flops_match_torch_flop_counter(tmp_path, target_sets):
             preds = model(video, visible, query, heads=list(targets), frozen_prefix=ll.frozen_prefix(plan))
             ll.loss(preds, targets)[0].backward()
         model.zero_grad(set_to_none=True)
-        expected = step_flops(cfg.model, plan.num_frozen, ll.selector.layers(plan), tc.loss_fraction,
+        expected = step_flops(cfg.model, plan.num_frozen, ll.target_layers(plan), tc.loss_fraction,
                               plan.stem_frozen, tc.context)["total"]
         assert counter.get_total_flops() == pytest.approx(expected * batch, rel=1e-6), f"step {step}"
 

@@ -246,3 +246,82 @@ def test_missing_lightly_raises_missing_dependency(monkeypatch):
     monkeypatch.delitem(sys.modules, "layerlock_plugin.adapters.lightly_mae")
     with pytest.raises(MissingDependencyError, match=r'layerlock-plugin\[lightly\]'):
         importlib.import_module("layerlock_plugin.adapters.lightly_mae")
+
+
+# ------------------------------------------------------------------ lightly's current decoder
+def current_decoder(num_prefix_tokens: int = 1):
+    from lightly.models.modules import MaskedVisionTransformerDecoderTIMM
+
+    return MaskedVisionTransformerDecoderTIMM(num_patches=N, embed_dim=32, depth=1, num_heads=2,
+                                              num_prefix_tokens=num_prefix_tokens)
+
+
+def test_current_decoder_builds_without_deprecation_and_decodes_as_lightlys_mae_example():
+    torch.manual_seed(0)
+    vit = tiny_vit()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MaskedVisionTransformerDecoderTIMM is not deprecated
+        mae = LayerLockMAE(MaskedVisionTransformerTIMM(vit=vit), current_decoder(), config(), mask_ratio=0.75)
+    assert mae.pixel_head.out_features == PATCH * PATCH * 3 and mae.decoder_embed.in_features == DIM
+    mae.eval()
+    keep, mask = mae.random_mask(2)
+    x = images(2)
+    with torch.no_grad():
+        ours = mae.forward_decoder(mae.forward_encoder(x, keep), keep, mask, ["pixels"])["pixels"]
+        # lightly's MAE example with the current decoder: embed, mask tokens, positions, decode, predict
+        tokens = mae.decoder_embed(mae.backbone.encode(images=x, idx_keep=keep))
+        full = lightly_utils.repeat_token(mae.decoder.mask_token, (2, mae.sequence_length))
+        decoded = mae.decoder.decode(mae.decoder.add_pos_embed(lightly_utils.set_at_index(full, keep, tokens)))
+        expected = mae.pixel_head(lightly_utils.get_at_index(decoded, mask))
+    torch.testing.assert_close(ours, expected)
+
+
+def test_current_decoder_trains_across_a_switch_with_own_heads_and_both_decoders_are_refused_mixed():
+    torch.manual_seed(0)
+    vit = tiny_vit()
+    embed, head = torch.nn.Linear(DIM, 32), torch.nn.Linear(32, PATCH * PATCH * 3)
+    mae = LayerLockMAE(MaskedVisionTransformerTIMM(vit=vit), current_decoder(), config(), decoder_embed=embed,
+                       pixel_head=head)
+    assert mae.decoder_embed is embed and mae.pixel_head is head
+    optimizer = torch.optim.AdamW(mae.parameters(), lr=1e-3)
+    mae.layerlock.attach_optimizer(optimizer)
+    before = {n: p.detach().clone() for n, p in mae.named_parameters()}
+    for step in range(5):  # pixels at 0-2, layer_1 from step 3
+        mae.layerlock.begin_step(step)
+        out = mae(images(4, seed=step))
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    assert list(out.targets) == ["layer_1"] and torch.isfinite(out.loss)
+    moved = {n for n, p in mae.named_parameters() if not torch.equal(p, before[n])}
+    assert {"pixel_head.weight", "decoder_embed.weight", "readouts.layer_1.weight"} <= moved
+    with pytest.raises(EncoderStructureError, match="only with MaskedVisionTransformerDecoderTIMM"):
+        LayerLockMAE(MaskedVisionTransformerTIMM(vit=tiny_vit()), tiny_decoder(), config(), pixel_head=head)
+
+
+def test_both_decoders_give_the_same_step_with_the_same_weights():
+    """The current decoder path (decoder_embed -> mask tokens -> add_pos_embed -> decode -> pixel head) computes
+    what MAEDecoderTIMM's embed / decode / predict compute, given the same weights."""
+    torch.manual_seed(0)
+    vit = tiny_vit()
+    old = LayerLockMAE(MaskedVisionTransformerTIMM(vit=vit), tiny_decoder(), config())
+    new = LayerLockMAE(MaskedVisionTransformerTIMM(vit=vit), current_decoder(), config())
+    d_old, d_new = old.decoder, new.decoder
+    with torch.no_grad():
+        new.decoder_embed.load_state_dict(d_old.decoder_embed.state_dict())
+        new.pixel_head.load_state_dict(d_old.decoder_pred.state_dict())
+        d_new.mask_token.copy_(d_old.mask_token)
+        d_new.pos_embed.copy_(d_old.decoder_pos_embed)
+        d_new.blocks.load_state_dict(d_old.decoder_blocks.state_dict())
+        d_new.norm.load_state_dict(d_old.decoder_norm.state_dict())
+        new.readouts.load_state_dict(old.readouts.state_dict())
+    x = images(3)
+    keep, mask = old.random_mask(3)
+    for step in (0, 3):  # pixels, then layer_1
+        old.layerlock.begin_step(step)
+        new.layerlock.begin_step(step)
+        a, b = old(x, keep, mask), new(x, keep, mask)
+        assert list(a.predictions) == list(b.predictions)
+        for h in a.predictions:
+            torch.testing.assert_close(a.predictions[h], b.predictions[h])
+        torch.testing.assert_close(a.loss, b.loss)

@@ -202,10 +202,24 @@ def test_module_without_encoder_or_controller_gets_clear_error(tmp_path):
         trainer(2, tmp_path, callbacks=[LayerLockCallback()]).fit(Bare(), loader())
 
 
-def test_plain_ddp_is_refused_with_a_fix():
-    with pytest.raises(ConfigError, match="find_unused_parameters"):
-        LayerLockCallback._check_strategy(SimpleNamespace(strategy=DDPStrategy()))
-    LayerLockCallback._check_strategy(SimpleNamespace(strategy=DDPStrategy(find_unused_parameters=True)))
+def test_plain_ddp_is_refused_with_a_fix(tmp_path):
+    """The check reads the DDP wrapper the strategy built (on_fit_start runs after strategy setup)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        for find_unused in (False, True):
+            ddp = DistributedDataParallel(torch.nn.Linear(2, 2), find_unused_parameters=find_unused)
+            trainer = SimpleNamespace(strategy=SimpleNamespace(model=ddp))
+            if find_unused:
+                LayerLockCallback._check_strategy(trainer)
+            else:
+                with pytest.raises(ConfigError, match="find_unused_parameters"):
+                    LayerLockCallback._check_strategy(trainer)
+    finally:
+        dist.destroy_process_group()
+    LayerLockCallback._check_strategy(SimpleNamespace(strategy=DDPStrategy()))  # not set up: nothing wrapped yet
 
 
 def test_config_conflict_with_module_controller(tmp_path):

@@ -126,8 +126,8 @@ def test_train_py_crosses_freeze_events_and_logs_layerlock_scalars(run):
         assert row["layerlock/warmup_factor"] == pytest.approx(factor), (it, row)
         # collapse statistics exist once the target is latent
         assert ("layerlock/effective_rank" in row) == (frozen > 0), (it, row)
-    assert "[layerlock] step 4: froze stem, block1 (1 blocks frozen); target -> layer_1" in log
-    assert "[layerlock] step 7: froze block2 (2 blocks frozen); target -> layer_2" in log
+    assert "[layerlock] step 4: froze stem, block_1 (1 blocks frozen); target -> layer_1" in log
+    assert "[layerlock] step 7: froze block_2 (2 blocks frozen); target -> layer_2" in log
 
 
 @pytest.mark.timeout(420)
@@ -431,3 +431,113 @@ def test_adaptive_schedule_by_hook_config_and_its_resume(tmp_path, data):
     loss = lambda r: r.message_hub.get_scalar("train/loss").data[0].tolist()[-3:]  # noqa: E731
     assert again.message_hub.get_scalar("train/layerlock/num_frozen").data[0].tolist() == frozen
     assert loss(again) == pytest.approx(loss(first), rel=1e-4)
+
+
+def _param_group(runner, name: str) -> dict:
+    """The optimizer param group that holds the model parameter ``name`` (fails if none does)."""
+    param = dict(runner.model.named_parameters())[name]
+    (group,) = [g for g in runner.optim_wrapper.optimizer.param_groups if any(p is param for p in g["params"])]
+    return group
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("optim", [
+    dict(paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0)),  # most mmaction2 configs
+    dict(constructor="LearningRateDecayOptimizerConstructor",  # VideoMAE-style layer decay
+         paramwise_cfg=dict(num_layers=4, decay_rate=0.75, decay_type="layer_wise")),
+], ids=["paramwise_cfg", "layer_decay"])
+def test_every_readout_trains_under_per_parameter_optimizer_constructors(tmp_path, data, optim):
+    schedule = dict(pixel_steps=PIXEL_STEPS, interval=INTERVAL, max_frozen=2)  # layer_1 at 4-6, layer_2 at 7-8
+    runner = _runner(tmp_path, data, custom_hooks=[dict(type="LayerLockHook", schedule=schedule)],
+                     train_cfg=dict(max_iters=9), default_hooks=dict(checkpoint=dict(interval=100)),
+                     optim_wrapper=optim)
+    recorder = _Recorder()
+    runner.register_hook(recorder)
+    runner.train()
+    snap, final = recorder.snapshots, runner.model.state_dict()
+
+    def moved(head, a, b):
+        after = snap[b] if b in snap else final
+        return not torch.equal(snap[a][f"readouts.{head}.weight"], after[f"readouts.{head}.weight"])
+
+    assert moved("pixels", 0, PIXEL_STEPS)
+    assert moved("layer_1", PIXEL_STEPS, PIXEL_STEPS + INTERVAL), "layer_1's readout did not train while it was the target"
+    assert moved("layer_2", PIXEL_STEPS + INTERVAL, 9), "layer_2's readout did not train while it was the target"
+    assert not moved("layer_1", 0, PIXEL_STEPS)  # and a head trains only while it is a target
+    # the constructor's per-parameter rules reached the heads: a head's bias is grouped like the pixel head's
+    for key in ("weight_decay", "lr"):
+        assert _param_group(runner, "readouts.layer_2.bias")[key] == _param_group(runner, "readouts.pixels.bias")[key]
+    if "bias_decay_mult" in optim["paramwise_cfg"]:
+        assert _param_group(runner, "readouts.layer_1.bias")["weight_decay"] == 0.0
+
+
+def test_a_readout_the_optimizer_skipped_is_refused_before_training(tmp_path, data):
+    runner = _runner(tmp_path, data, optim_wrapper=dict(paramwise_cfg=dict(bias_decay_mult=0.0)))
+    for p in runner.model.readouts["layer_1"].parameters():
+        p.requires_grad_(False)  # as the model did before: the constructor then leaves the head out
+    with pytest.raises(ConfigError, match=r"^optim_wrapper: the optimizer does not hold readouts\.layer_1\.weight"):
+        runner.train()
+    assert runner.iter == 0
+
+
+def test_a_config_inheriting_mmaction_package_bases_builds(tmp_path):
+    """``_base_ = 'mmaction::...'`` resolves through mmengine's pkg_resources lookup (setuptools < 82)."""
+    from mmengine.config import Config
+
+    config = tmp_path / "inherits.py"
+    config.write_text("_base_ = ['mmaction::_base_/default_runtime.py']\n" + TINY.read_text().split("default_hooks = dict(")[0])
+    cfg = Config.fromfile(str(config))
+    assert cfg.default_hooks.checkpoint.type == "CheckpointHook"  # from mmaction2's default_runtime.py
+    assert cfg.custom_hooks[0].type == "LayerLockHook"
+
+
+FINETUNE = REPO / "examples" / "mmaction2" / "finetune_vit-tiny_cpu.py"
+
+
+def _tool(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(TRAIN.parent / f"{name}.py"), *args]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.mark.timeout(420)
+def test_finetune_with_the_stock_config_then_tools_test_loads_epoch_checkpoint(run, data, tmp_path):
+    """The fine-tuning example (stock VideoMAE config + custom_imports) trains from the converted backbone,
+    and mmaction2's tools/test.py loads the epoch_1.pth it wrote (torch's weights_only default)."""
+    convert(run[0] / "iter_12.pth", tmp_path / "backbone.pth")
+    options = ["--cfg-options", f"load_from={tmp_path / 'backbone.pth'}"]
+    for split in ("train", "test"):
+        options += [f"{split}_dataloader.dataset.ann_file={data}/train_list.txt",
+                    f"{split}_dataloader.dataset.data_prefix.video={data}/videos"]
+    train = _tool("train", str(FINETUNE), "--work-dir", str(tmp_path / "ft"), *options, cwd=tmp_path)
+    log = train.stdout + train.stderr
+    assert train.returncode == 0, log[-4000:]
+    assert "missing keys in source state_dict: cls_head.fc_cls.weight, cls_head.fc_cls.bias" in log  # backbone loaded
+    test = _tool("test", str(FINETUNE), str(tmp_path / "ft" / "epoch_1.pth"), "--work-dir", str(tmp_path / "test"),
+                 *options, cwd=tmp_path)
+    assert test.returncode == 0, (test.stdout + test.stderr)[-4000:]
+    assert "acc/top1" in test.stdout + test.stderr
+
+
+def test_a_forgotten_custom_imports_shows_the_drn_error(tmp_path):
+    """What the troubleshooting section names: the stock config without the plugin's import fails to build."""
+    config = tmp_path / "no_import.py"
+    config.write_text("\n".join(line for line in FINETUNE.read_text().splitlines() if not line.startswith("custom_imports")))
+    proc = _tool("train", str(config), "--work-dir", str(tmp_path / "w"), cwd=tmp_path)
+    assert proc.returncode != 0 and "mmaction.models.localizers.drn" in proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(300)
+def test_the_three_config_lines_a_user_adds_for_pretraining(tmp_path, data):
+    """custom_imports, the model with only its backbone (decoder and mask take VideoMAE's defaults) and the
+    hook with only its schedule: that is all LayerLock needs in an mmaction2 config."""
+    model = dict(_delete_=True, type="LayerLockVideoMAE",
+                 backbone=dict(type="VisionTransformer", img_size=32, patch_size=8, embed_dims=64, depth=4, num_heads=4,
+                               num_frames=8, norm_cfg=dict(type="LN", eps=1e-6)))
+    hook = dict(type="LayerLockHook", schedule=dict(pixel_steps=1, interval=1, max_frozen=2))
+    runner = _runner(tmp_path, data, model=model, custom_hooks=[hook], train_cfg=dict(max_iters=3),
+                     default_hooks=dict(checkpoint=dict(interval=100)))
+    runner.train()
+    m = runner.model
+    assert (m.mask_type, m.mask_ratio, len(m.decoder_blocks), m.mask_token.shape[-1]) == ("tube", 0.9, 4, 384)
+    assert runner.message_hub.get_scalar("train/layerlock/num_frozen").data[0].tolist() == [0.0, 1.0, 2.0]

@@ -66,7 +66,7 @@ def test_two_process_gloo_training_across_freeze_events(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     assert log.count("rebuilt MMDistributedDataParallel") >= 2, log[-3000:]  # at steps 4 and 7 (rank 0 logs)
-    assert "[layerlock] step 7: froze block2 (2 blocks frozen); target -> layer_2" in log
+    assert "[layerlock] step 7: froze block_2 (2 blocks frozen); target -> layer_2" in log
     r0, r1 = torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True)
     # Ranks see different clips and masks, so only synchronised gradients keep them identical.
     for k in r0:

@@ -194,7 +194,7 @@ def test_units_stem_and_blocks():
     assert id(model.cls_token) in stem_ids
     assert model.patch_embed in units.stem.modules and model.norm_pre in units.stem.modules
     assert units.num_layers == DEPTH
-    assert [u.name for u in units.blocks] == [f"block{i}" for i in range(1, DEPTH + 1)]
+    assert [u.name for u in units.blocks] == [f"block_{i}" for i in range(1, DEPTH + 1)]
     for u, blk in zip(units.blocks, model.blocks):
         assert u.modules == (blk,)
         assert {id(p) for p in u.params} == {id(p) for p in blk.parameters()}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import perturbed_copy, stop_and_resume
 import torch.nn.functional as F
 
 from layerlock_plugin.adapters.vjepa import (
@@ -45,12 +46,7 @@ def tiny(seed: int = 0):
     perturbed deep copy so that teacher and student outputs differ."""
     torch.manual_seed(seed)
     encoder, predictor = ex.init_video_model()
-    teacher = copy.deepcopy(encoder)
-    with torch.no_grad():
-        for p in teacher.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-            p.requires_grad_(False)
-    return encoder, predictor, teacher
+    return encoder, predictor, perturbed_copy(encoder)
 
 
 def batch(seed: int = 0, b: int = 4):
@@ -234,21 +230,12 @@ def test_two_switches_freezing_resume_bitwise(tmp_path):
     """The example (V-JEPA's train step) crosses two freeze events with a finite loss; the student's frozen
     units do not change after their event; a run stopped inside the second switch warmup and resumed
     from its checkpoint ends bitwise equal to the uninterrupted run."""
-    full = ex.main(["--steps", "24", "--quiet"])  # events at steps 8 and 16, 2-step warmups
+    full, second, mid = stop_and_resume(ex.main, tmp_path / "vj.pt", 24, 17)  # events at 8 and 16; 17: in the warmup
     losses = full["losses"]
     assert len(losses) == 24 and all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     ll = full["layerlock"]
     assert ll.plan.num_frozen == 2 and ll.target_layer() == 2 and ll.layerlock.guard.trips == 0
-
-    ckpt = tmp_path / "vj.pt"
-    first = ex.main(["--steps", "24", "--quiet", "--ckpt", str(ckpt), "--stop-at", "17"])  # step 17: in the warmup
-    mid = torch.load(ckpt, weights_only=True)
-    second = ex.main(["--steps", "24", "--quiet", "--ckpt", str(ckpt)])
-    assert first["losses"] + second["losses"] == losses
-    for key in ("encoder", "target_encoder", "predictor"):
-        a, b = full[key].state_dict(), second[key].state_dict()
-        assert all(torch.equal(a[k], b[k]) for k in a), f"{key} differs after resume"
     assert second["layerlock"].state_dict() == ll.state_dict()
 
     # frozen means frozen: stem and blocks 1-2 as they were when block 2 froze (step 16), the rest moved

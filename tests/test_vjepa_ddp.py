@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
+from conftest import vjepa_step
 from layerlock_plugin.adapters.vjepa import LayerLockAdapter, LayerLockDDP, require_vjepa
 
 require_vjepa()
@@ -43,16 +44,8 @@ def _run(ex, rank: int, wrap) -> tuple[LayerLockAdapter, torch.nn.Module, torch.
     collator = ex.make_mask_collator()
     losses = []
     for step in range(STEPS):
-        torch.manual_seed(1000 * rank + step)
-        (clips,), masks_enc, masks_pred = collator([(c,) for c in torch.rand(4, 3, ex.FRAMES, ex.CROP, ex.CROP)])
         adapter.begin_step(step)
-        h = adapter.targets(clips, masks_pred)
-        z = ddp_predictor(ddp_encoder(clips, masks_enc), h, masks_enc, masks_pred)
-        loss = sum((zi - hi).abs().mean() for zi, hi in zip(z, h)) / len(z)
-        loss.backward()
-        if not adapter.end_step(loss, h).skip:
-            optimizer.step()
-        optimizer.zero_grad()
+        loss = vjepa_step(ex, adapter, ddp_encoder, ddp_predictor, optimizer, collator, seed=1000 * rank + step)
         adapter.update_teacher(0.99)
         losses.append(float(loss.detach()))
     return adapter, ddp_encoder, teacher, losses
@@ -94,3 +87,24 @@ def _free_port() -> int:
 @pytest.mark.timeout(240)
 def test_ddp_static_graph_breaks_at_a_freeze_and_layerlock_ddp_survives_it():
     mp.spawn(_worker, args=(2, _free_port()), nprocs=2, join=True)
+
+
+def _vjepa2_worker(rank: int, world: int, port: int) -> None:
+    """V-JEPA 2's train step (the example) under 2 processes: LayerLockDDP around the RoPE encoder."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    spec = importlib.util.spec_from_file_location("vjepa2_example_ddp", EXAMPLE.with_name("train_layerlock_vjepa2.py"))
+    ex2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex2)
+    try:
+        out = ex2.main(["--steps", str(STEPS), "--quiet"])  # events at steps 4 and 8; every rank other data
+        assert out["world_size"] == 2 and out["encoder"].rebuilds == 2, "one rebuild per freeze event"
+        assert out["layerlock"].plan.num_frozen == 2 and all(torch.isfinite(torch.tensor(out["losses"])))
+        assert _same_on_all_ranks(out["encoder"].module) and _same_on_all_ranks(out["target_encoder"])
+        assert _same_on_all_ranks(out["predictor"].module)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(240)
+def test_vjepa2_train_step_under_two_processes_stays_in_sync_across_freeze_events():
+    mp.spawn(_vjepa2_worker, args=(2, _free_port()), nprocs=2, join=True)

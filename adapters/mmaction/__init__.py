@@ -5,7 +5,8 @@
     custom_hooks = [dict(type='LayerLockHook', schedule=dict(...), ...)]
 
 Importing it (1) makes the broken mmaction2 1.2.0 PyPI wheel importable (:mod:`.compat`, warns once,
-does nothing for a source install), (2) registers :class:`LayerLockVideoMAE` (``MODELS``) and
+does nothing for a source install), (2) lets mmengine checkpoints written from then on load with
+torch's ``weights_only`` default (:func:`.compat.allow_mmengine_checkpoints`), (3) registers :class:`LayerLockVideoMAE` (``MODELS``) and
 :class:`LayerLockHook` (``HOOKS``) in mmaction2's registries *and* mmengine's root registries, so
 they are found with ``default_scope='mmaction'`` and with ``custom_imports`` alone (where the runner's
 scope is mmengine's; mmengine issue #1662).
@@ -20,9 +21,10 @@ except ImportError as exc:
         'layerlock_plugin.adapters.mmaction needs mmaction2 and mmengine: pip install "layerlock-plugin[mmaction]"'
     ) from exc
 
-from .compat import install_drn_placeholder
+from .compat import allow_mmengine_checkpoints, install_drn_placeholder
 
 install_drn_placeholder()  # before anything imports mmaction.models
+allow_mmengine_checkpoints()  # epoch_N.pth / iter_N.pth load with torch >= 2.6's weights_only default
 
 try:
     import mmaction.models  # noqa: F401,E402  (registers VisionTransformer, ActionDataPreprocessor, ...)
@@ -35,4 +37,4 @@ except ImportError as exc:
 from .hook import LayerLockHook  # noqa: E402
 from .model import LayerLockVideoMAE, MMActionViTEncoder  # noqa: E402
 
-__all__ = ["LayerLockHook", "LayerLockVideoMAE", "MMActionViTEncoder", "install_drn_placeholder"]
+__all__ = ["LayerLockHook", "LayerLockVideoMAE", "MMActionViTEncoder", "allow_mmengine_checkpoints", "install_drn_placeholder"]

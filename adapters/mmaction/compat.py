@@ -88,11 +88,37 @@ def install_drn_placeholder() -> bool:
 # -- mmengine 0.10.7 checkpoints under torch >= 2.6 ------------------------------------------------------
 # torch.load defaults to weights_only=True since torch 2.6, and mmengine 0.10.7 calls torch.load without
 # the argument (open-mmlab/mmengine#1655, fix PR #1650 still open). Its checkpoints hold the MessageHub's
-# HistoryBuffer objects (numpy arrays and bound methods, which need `builtins.getattr`: not safe to
-# allowlist) and numpy scalars in runtime_info, so `--resume` and `load_from` fail. LayerLockHook stores
-# these as plain lists/floats when saving and rebuilds the HistoryBuffers after loading, so mmengine's
-# own weights_only load succeeds and nothing has to be allowlisted.
+# HistoryBuffer objects (pickled with numpy arrays and bound methods, which need `builtins.getattr`: not
+# safe to allowlist) and numpy scalars in runtime_info (e.g. `eta`), so `--resume`, `load_from` and
+# tools/test.py fail on any mmengine checkpoint, e.g. a fine-tuning run's epoch_N.pth. Two narrow fixes:
+# * allow_mmengine_checkpoints() (run when the plugin is imported, i.e. by a config's custom_imports):
+#   HistoryBuffer pickles as HistoryBuffer(log_history, count_history, max_length) with plain lists, and
+#   exactly that class plus numpy's scalar reconstructor and dtype are allowlisted for weights_only loads.
+#   Checkpoints written with the plugin imported then load; older ones still hold `builtins.getattr`.
+# * LayerLockHook stores the MessageHub as plain lists/floats in its own checkpoints and rebuilds the
+#   HistoryBuffers after loading, so they load with weights_only=True even where the plugin is not imported.
 _HISTORY_MARK = "__layerlock_history_buffer__"
+
+
+def _reduce_history_buffer(buf):
+    log, count = buf.data
+    return type(buf), (log.tolist(), count.tolist(), buf.max_length)
+
+
+def allow_mmengine_checkpoints() -> list:
+    """Let ``torch.load(weights_only=True)`` read mmengine checkpoints written from now on (see above);
+    returns the allowlisted globals. Idempotent."""
+    import numpy as np
+    import torch
+    from mmengine.logging import HistoryBuffer
+
+    HistoryBuffer.__reduce__ = _reduce_history_buffer
+    numpy_core = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
+    numbers = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+               np.float16, np.float32, np.float64)  # a numpy scalar in runtime_info (eta: float64) needs its dtype class
+    allowed = [HistoryBuffer, numpy_core.multiarray.scalar, np.dtype, *(type(np.dtype(t)) for t in numbers)]
+    torch.serialization.add_safe_globals(allowed)
+    return allowed
 
 
 def _plain(value):
@@ -110,20 +136,23 @@ def _plain(value):
     return value
 
 
+def _log_scalars(checkpoint: dict) -> dict:
+    """``checkpoint['message_hub']['log_scalars']`` (empty when the checkpoint has no MessageHub)."""
+    hub = checkpoint.get("message_hub")
+    return hub.get("log_scalars", {}) if isinstance(hub, dict) else {}
+
+
 def message_hub_to_plain(checkpoint: dict) -> None:
     """In place: make ``checkpoint['message_hub']`` loadable with ``torch.load(weights_only=True)``."""
     from mmengine.logging import HistoryBuffer
 
-    hub = checkpoint.get("message_hub")
-    if not isinstance(hub, dict):
-        return
-    scalars = hub.get("log_scalars", {})
+    scalars = _log_scalars(checkpoint)
     for key, buf in list(scalars.items()):
         if isinstance(buf, HistoryBuffer):
-            log, count = buf.data
-            scalars[key] = {_HISTORY_MARK: True, "log_history": log.tolist(), "count_history": count.tolist(),
-                            "max_length": int(buf.max_length)}
-    if isinstance(hub.get("runtime_info"), dict):
+            log, count, max_length = _reduce_history_buffer(buf)[1]
+            scalars[key] = {_HISTORY_MARK: True, "log_history": log, "count_history": count, "max_length": int(max_length)}
+    hub = checkpoint.get("message_hub")
+    if isinstance(hub, dict) and isinstance(hub.get("runtime_info"), dict):
         hub["runtime_info"] = _plain(hub["runtime_info"])
 
 
@@ -131,10 +160,7 @@ def message_hub_from_plain(checkpoint: dict) -> None:
     """In place: undo :func:`message_hub_to_plain` (HistoryBuffers back for ``MessageHub.load_state_dict``)."""
     from mmengine.logging import HistoryBuffer
 
-    hub = checkpoint.get("message_hub")
-    if not isinstance(hub, dict):
-        return
-    scalars = hub.get("log_scalars", {})
+    scalars = _log_scalars(checkpoint)
     for key, buf in list(scalars.items()):
         if isinstance(buf, dict) and buf.get(_HISTORY_MARK):
             scalars[key] = HistoryBuffer(buf["log_history"], buf["count_history"], buf["max_length"])

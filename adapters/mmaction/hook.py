@@ -28,11 +28,14 @@ What happens when (mmengine calls ``before_run`` -> weights init -> ``load_or_re
   The saved optimizer state never holds frozen parameters (their state was dropped before saving),
   so loading it before the re-applied freeze is consistent.
 * ``before_train_iter``: ``begin_step(runner.iter)``: freeze what is due, switch the target, set the
-  warmup factor; the readout heads in use train, the others are switched off; when the set of
-  trainable parameters changed and the model is wrapped in (MM)DistributedDataParallel, the wrapper is
-  rebuilt with the same arguments (DDP cannot follow a change of ``requires_grad``).
+  warmup factor; the readout heads in use train, the others are switched off
+  (:func:`~layerlock_plugin.integration.set_active_heads`); when the set of trainable parameters
+  changed and the model is wrapped in (MM)DistributedDataParallel, the wrapper is rebuilt with the
+  same class and arguments (:class:`~layerlock_plugin.integration.DDPSync`: DDP cannot follow a change
+  of ``requires_grad``).
 * the model's ``loss`` runs the collapse guard before backward; under ``guard.policy='skip'`` an
-  optimizer step pre-hook drops that step's gradients, so the update does nothing.
+  optimizer step pre-hook drops that step's gradients
+  (:func:`~layerlock_plugin.integration.skip_update`), so the update does nothing.
 * ``after_train_iter``: ``layerlock/*`` scalars into the MessageHub (``train/layerlock/...``), from
   where mmengine's LoggerHook writes them to the log and every visualizer backend (TensorBoard, ...).
 * ``before_save_checkpoint``: ``checkpoint['layerlock'] = controller.state_dict()``; the MessageHub's
@@ -46,7 +49,6 @@ Parameter groups stay as mmengine built them: a frozen parameter keeps its place
 
 from __future__ import annotations
 
-import gc
 import warnings
 from typing import Any
 
@@ -55,6 +57,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from layerlock_plugin.controller import LayerLock, LayerLockConfig
 from layerlock_plugin.errors import CheckpointError, ConfigError
+from layerlock_plugin.integration import DDPSync, set_active_heads, skip_update
 
 from mmaction.registry import HOOKS
 from mmengine.hooks import Hook
@@ -90,8 +93,7 @@ class LayerLockHook(Hook):
             raise (e if e.field.startswith(_PREFIX) else _prefixed(e)) from None
         self.controller: LayerLock | None = None
         self._loaded_state: dict | None = None
-        self._optimizers: list[torch.optim.Optimizer] = []
-        self._signature: tuple[bool, ...] | None = None
+        self._ddp: DDPSync | None = None
 
     # -- helpers -------------------------------------------------------------------------------------
     @staticmethod
@@ -111,10 +113,6 @@ class LayerLockHook(Hook):
         wrappers = list(wrapper.values()) if isinstance(wrapper, OptimWrapperDict) else [wrapper]
         return [w.optimizer for w in wrappers]
 
-    @staticmethod
-    def _trainable(model: torch.nn.Module) -> tuple[bool, ...]:
-        return tuple(p.requires_grad for p in model.parameters())
-
     def _log(self, runner, message: str) -> None:
         runner.logger.info(f"[layerlock] {message}")
 
@@ -128,8 +126,8 @@ class LayerLockHook(Hook):
             raise _prefixed(e) from None
         model.attach_layerlock(self.controller)
         self.controller.on_event(lambda event: self._log(runner, event.describe()))
-        # The trainable set the (DDP) wrapper was built with; a change later means a rebuild.
-        self._signature = self._trainable(model)
+        if isinstance(runner.model, DistributedDataParallel):  # rebuilt when the trainable set changes
+            self._ddp = DDPSync(runner.model)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         message_hub_from_plain(checkpoint)  # before mmengine's resume hands it to the MessageHub
@@ -138,11 +136,10 @@ class LayerLockHook(Hook):
     def before_train(self, runner) -> None:
         ll = self._require()
         for opt in self._optimizers_of(runner):
-            if any(opt is o for o in self._optimizers):
-                continue
-            ll.attach_optimizer(opt)
-            opt.register_step_pre_hook(self._skip_if_guard_says)
-            self._optimizers.append(opt)
+            if not any(opt is o for o in ll.optimizers):
+                ll.attach_optimizer(opt)
+                opt.register_step_pre_hook(self._skip_if_tripped)
+        self._check_heads_optimized(runner)
         it = runner.iter
         state, self._loaded_state = self._loaded_state, None
         if it > 0:
@@ -153,7 +150,7 @@ class LayerLockHook(Hook):
                         f"resumes at iteration {it}; the checkpoint is inconsistent"
                     )
                 ll.load_state_dict(state)
-            elif hasattr(ll.schedule, "load_state_dict"):
+            elif ll.schedule.state_dict():  # state beyond the config (the adaptive schedule's decided events)
                 raise CheckpointError(
                     f"resuming at iteration {it} from a checkpoint without a 'layerlock' entry: the adaptive "
                     f"schedule's decided events cannot be recomputed; resume from a checkpoint written "
@@ -192,44 +189,25 @@ class LayerLockHook(Hook):
             raise RuntimeError("LayerLockHook: before_run has not run (the hook must be registered with the runner)")
         return self.controller
 
-    def _skip_if_guard_says(self, optimizer, args, kwargs) -> None:
+    def _check_heads_optimized(self, runner) -> None:
+        """Every readout must be in an optimizer, else it would stay at its random init while it is the target."""
+        held = {id(p) for opt in self._optimizers_of(runner) for g in opt.param_groups for p in g["params"]}
+        for name, p in self._model(runner).readouts.named_parameters():
+            if id(p) not in held:
+                raise ConfigError("optim_wrapper", f"the optimizer does not hold readouts.{name}: its constructor "
+                                  f"skipped it (was requires_grad switched off before the optimizer was built?)")
+
+    def _skip_if_tripped(self, optimizer, args, kwargs) -> None:
         """Optimizer step pre-hook: under ``guard.policy='skip'`` a tripped step updates nothing."""
-        if self.controller is not None and self.controller.last_decision.skip:
-            for group in optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
+        skip_update(self._require().last_decision, optimizer)
 
     def _sync(self, runner) -> None:
         """Readout heads in use train, others not; rebuild DDP when the trainable set changed."""
-        model = self._model(runner)
-        model.set_active_heads(self._require().heads())
-        signature = self._trainable(model)
-        if signature != self._signature:
-            self._signature = signature
-            self._rewrap(runner)
-
-    def _rewrap(self, runner) -> None:
-        wrapped = runner.model
-        if not isinstance(wrapped, DistributedDataParallel):
-            return
-        if getattr(wrapped, "static_graph", False):
-            raise ConfigError(
-                "model_wrapper_cfg.static_graph",
-                "must be False with LayerLockHook: the set of trained parameters changes at every freeze event",
-            )
-        kwargs = dict(device_ids=wrapped.device_ids, output_device=wrapped.output_device,
-                      broadcast_buffers=wrapped.broadcast_buffers,
-                      find_unused_parameters=wrapped.find_unused_parameters,
-                      gradient_as_bucket_view=wrapped.gradient_as_bucket_view,
-                      bucket_cap_mb=wrapped.bucket_bytes_cap / (1024 * 1024))
-        if hasattr(wrapped, "detect_anomalous_params"):
-            kwargs["detect_anomalous_params"] = wrapped.detect_anomalous_params
-        cls, module = type(wrapped), wrapped.module
-        runner.model = None
-        del wrapped
-        gc.collect()  # the old reducer, and the autograd hooks it put on the parameters, go with it
-        runner.model = cls(module=module, **kwargs)
-        self._log(runner, f"rebuilt {type(runner.model).__name__} for the new set of trained parameters")
+        set_active_heads(self._model(runner).readouts, self._require().heads())
+        if self._ddp is not None and self._ddp.stale:
+            runner.model = None  # the only reference: the old reducer and its hooks go in rebuild()
+            runner.model = self._ddp.rebuild()
+            self._log(runner, f"rebuilt {type(runner.model).__name__} for the new set of trained parameters")
 
 
 for _registry in (HOOKS, ROOT_HOOKS):

@@ -30,9 +30,11 @@ One step (``mode='loss'``), for a clip ``[B, C, T, H, W]`` with ``N`` tubelet to
 5. the loss (MSE, mean over heads) and the collapse guard (``controller.end_step``), before backward.
 
 Readout heads exist from the start for every target the run can use (``pixels``, ``layer_1`` ..
-``layer_{depth-1}``), so the optimizer built by mmengine already holds them: no param-group surgery
-at a switch and fixed checkpoint keys. Only the heads in use have ``requires_grad=True`` (the hook
-sets it), so DDP, rebuilt by the hook at each change, sees only parameters that get gradients.
+``layer_{depth-1}``) and all require grad when the model is built, so whatever optimizer constructor
+mmengine runs (``paramwise_cfg``, layer decay: they skip parameters that do not require grad) gives
+every head its per-parameter rules: no param-group surgery at a switch and fixed checkpoint keys.
+From ``before_train`` on only the heads in use have ``requires_grad=True`` (the hook sets it), so
+DDP, rebuilt by the hook at each change, sees only parameters that get gradients.
 
 The backbone's state-dict keys are exactly those of mmaction2's ``VisionTransformer`` under
 ``backbone.``; :mod:`.convert` extracts them for the stock VideoMAE fine-tuning configs.
@@ -47,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, check_layers
+from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, block_name, check_layers
 from layerlock_plugin.errors import ConfigError
 from layerlock_plugin.masking import random_masking, subsample_indices, tube_masking
 from layerlock_plugin.targets import PIXELS, gather_tokens, head_name
@@ -121,7 +123,7 @@ class MMActionViTEncoder:
         b = self.backbone
         extra = (b.pos_embed,) if isinstance(b.pos_embed, nn.Parameter) else ()
         stem = FreezeUnit("stem", modules=(b.patch_embed, b.pos_drop), extra_params=extra)
-        blocks = tuple(FreezeUnit(f"block{i + 1}", modules=(blk,)) for i, blk in enumerate(b.blocks))
+        blocks = tuple(FreezeUnit(block_name(i + 1), modules=(blk,)) for i, blk in enumerate(b.blocks))
         return EncoderUnits(stem=stem, blocks=blocks)
 
     def grid(self, video: torch.Tensor) -> tuple[int, int, int]:
@@ -215,8 +217,7 @@ class LayerLockVideoMAE(BaseModel):
         heads = {PIXELS: nn.Linear(ddim, pt * ph * pw * in_ch)}
         heads.update({head_name(k): nn.Linear(ddim, dim) for k in range(1, self.encoder.num_layers)})
         self.readouts = nn.ModuleDict(heads)
-        self._init_decoder()
-        self.set_active_heads([PIXELS])
+        self._init_decoder()  # every head requires grad until the hook's before_train (module docstring)
         self.layerlock = None  # the controller, attached by LayerLockHook
 
     def _init_decoder(self) -> None:
@@ -236,22 +237,6 @@ class LayerLockVideoMAE(BaseModel):
     def attach_layerlock(self, controller: Any) -> None:
         """Called by :class:`LayerLockHook`; ``controller`` is a :class:`layerlock_plugin.controller.LayerLock`."""
         self.layerlock = controller
-
-    def set_active_heads(self, heads: Sequence[str]) -> bool:
-        """Only ``heads`` train (``requires_grad``); the others get ``grad=None``. Returns True if the
-        set of trainable readout parameters changed (DDP must then be rebuilt)."""
-        unknown = [h for h in heads if h not in self.readouts]
-        if unknown:
-            raise ValueError(f"no readout for heads {unknown}; have {list(self.readouts)}")
-        changed = False
-        for name, head in self.readouts.items():
-            on = name in heads
-            for p in head.parameters():
-                changed |= p.requires_grad != on
-                p.requires_grad_(on)
-                if not on:
-                    p.grad = None
-        return changed
 
     def _controller(self):
         if self.layerlock is None:

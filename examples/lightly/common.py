@@ -7,13 +7,11 @@ first 1400 images (without labels); the probe is fitted on their features and te
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
-from lightly.models.modules import MAEDecoderTIMM, MaskedVisionTransformerTIMM
+from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
 from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -36,15 +34,14 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.tensor(d.target)
 
 
-def build_backbone_and_decoder() -> tuple[MaskedVisionTransformerTIMM, MAEDecoderTIMM]:
-    """lightly's MAE example, scaled down: a timm ViT in MaskedVisionTransformerTIMM + MAEDecoderTIMM."""
+def build_backbone_and_decoder() -> tuple[MaskedVisionTransformerTIMM, MaskedVisionTransformerDecoderTIMM]:
+    """lightly's MAE example, scaled down: a timm ViT in MaskedVisionTransformerTIMM +
+    MaskedVisionTransformerDecoderTIMM (LayerLockMAE adds the decoder's input embedding and pixel head)."""
     vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=IMG, patch_size=PATCH,
                             depth=DEPTH, embed_dim=DIM, num_heads=HEADS)
     backbone = MaskedVisionTransformerTIMM(vit=vit)
-    with warnings.catch_warnings():  # lightly 1.6 marks MAEDecoderTIMM deprecated; its MAE example still uses it
-        warnings.simplefilter("ignore")
-        decoder = MAEDecoderTIMM(num_patches=vit.patch_embed.num_patches, patch_size=PATCH, embed_dim=DIM,
-                                 decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2)
+    decoder = MaskedVisionTransformerDecoderTIMM(num_patches=vit.patch_embed.num_patches, embed_dim=64, depth=1,
+                                                 num_heads=2, num_prefix_tokens=vit.num_prefix_tokens)
     return backbone, decoder
 
 

@@ -4,7 +4,13 @@
 #       examples/mmaction2/layerlock_vit-base-p16_k400_16x4x1.py 8 --work-dir work_dirs/layerlock_vit-b_k400
 #   python -m layerlock_plugin.adapters.mmaction.convert work_dirs/layerlock_vit-b_k400/iter_200000.pth vit-b_layerlock.pth
 #   # then fine-tune with the stock configs/recognition/videomae/vit-base-p16_videomae-k400-pre_16x4x1_kinetics-400.py
-#   # (plus a train pipeline / optimizer of your choice) and load_from='vit-b_layerlock.pth'
+#   # as finetune_vit-tiny_cpu.py does (custom_imports + a train pipeline / optimizer), load_from='vit-b_layerlock.pth'
+#
+# LayerLock's part is three entries: custom_imports, the LayerLockVideoMAE model (its decoder and mask
+# default to VideoMAE's ViT-B decoder and 90% tube masking) and the LayerLockHook with the schedule.
+# Everything else is mmaction2's own: the runtime comes from its _base_ (needs setuptools < 82, which the
+# plugin's mmaction extra installs).
+_base_ = ['mmaction::_base_/default_runtime.py']
 #
 # The paper's ViT-G schedule, scaled to this run's length (fractions of the run kept):
 #   paper: 500K steps; pixels for 160K (32%); then every 10K steps freeze the next of 48 blocks and
@@ -13,7 +19,6 @@
 #          blocks, events every 17.7K iterations (64K + 7 x 17.7K = 187.9K, 94%); a 3.5K-iteration LR
 #          warmup after each switch (20% of an interval, as in the plugin's reference config).
 custom_imports = dict(imports=['layerlock_plugin.adapters.mmaction'], allow_failed_imports=False)
-default_scope = 'mmaction'
 
 max_iters = 200_000
 data_root = 'data/kinetics400/videos_train'
@@ -23,19 +28,9 @@ model = dict(
     type='LayerLockVideoMAE',
     backbone=dict(type='VisionTransformer', img_size=224, patch_size=16, embed_dims=768, depth=12,
                   num_heads=12, mlp_ratio=4, qkv_bias=True, num_frames=16,
-                  norm_cfg=dict(type='LN', eps=1e-6)),  # exactly the stock VideoMAE fine-tuning backbone
-    decoder=dict(embed_dims=384, depth=4, num_heads=6),       # VideoMAE's ViT-B decoder
-    mask=dict(type='tube', ratio=0.9),                         # VideoMAE's tube masking
-    data_preprocessor=dict(type='ActionDataPreprocessor', mean=[123.675, 116.28, 103.53],
-                           std=[58.395, 57.12, 57.375], format_shape='NCTHW'))
-
-custom_hooks = [
-    dict(type='LayerLockHook',
-         schedule=dict(pixel_steps=64_000, interval=17_700, jump=1, max_frozen=8),
-         target=dict(kind='latent', mode='single', layer_norm=True, loss_fraction=1.0),
-         warmup=dict(steps=3_500, start_factor=0.01),
-         guard=dict(policy='warn', every=100)),
-]
+                  norm_cfg=dict(type='LN', eps=1e-6)))  # exactly the stock VideoMAE fine-tuning backbone
+custom_hooks = [dict(type='LayerLockHook', schedule=dict(pixel_steps=64_000, interval=17_700, max_frozen=8),
+                     warmup=dict(steps=3_500), guard=dict(every=100))]
 
 train_pipeline = [
     dict(type='DecordInit'),
@@ -68,21 +63,7 @@ param_scheduler = [
 ]
 auto_scale_lr = dict(enable=False, base_batch_size=256)
 
-default_hooks = dict(
-    runtime_info=dict(type='RuntimeInfoHook'),
-    timer=dict(type='IterTimerHook'),
-    logger=dict(type='LoggerHook', interval=50, ignore_last=False),
-    param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', interval=5_000, by_epoch=False, max_keep_ckpts=3),
-    sampler_seed=dict(type='DistSamplerSeedHook'),
-    sync_buffers=dict(type='SyncBuffersHook'),
-)
-env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
-               dist_cfg=dict(backend='nccl'))
-log_processor = dict(type='LogProcessor', window_size=50, by_epoch=False)
+default_hooks = dict(logger=dict(interval=50),
+                     checkpoint=dict(interval=5_000, by_epoch=False, max_keep_ckpts=3, save_best=None))
+log_processor = dict(window_size=50, by_epoch=False)
 # layerlock/* scalars reach every backend; add dict(type='TensorboardVisBackend') with tensorboard installed.
-vis_backends = [dict(type='LocalVisBackend')]
-visualizer = dict(type='ActionVisualizer', vis_backends=vis_backends)
-log_level = 'INFO'
-load_from = None
-resume = False

@@ -17,9 +17,7 @@ embedded moving-digits data) so that it runs on a CPU in seconds.
 
 from __future__ import annotations
 
-import argparse
-import copy
-import os
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -29,11 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerlock_plugin.adapters.vjepa import LayerLockAdapter, LayerLockDDP, require_vjepa  # [LayerLock]
-from layerlock_plugin.checkpoint import load_checkpoint, save_atomic
-from layerlock_plugin.controller import LayerLockConfig  # [LayerLock]
-from layerlock_plugin.reference.data import DigitsVideoConfig, DigitsVideoDataset
-from layerlock_plugin.schedule import ScheduleConfig  # [LayerLock]
-from layerlock_plugin.warmup import WarmupConfig  # [LayerLock]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # vjepa_common.py, shared with the V-JEPA 2 example
+from vjepa_common import (build, data_config, fast_forward, init_opt, layerlock_config, parse_args,  # noqa: E402,F401
+                          resume, save, setup_distributed, step_videos)
 
 require_vjepa()  # a clear error naming the install line when the vjepa distribution is missing
 from vjepa.masks.multiblock3d import MaskCollator  # noqa: E402
@@ -64,68 +61,19 @@ def init_video_model(depth: int = 4, embed_dim: int = 48, pred_depth: int = 2, p
     return MultiMaskWrapper(encoder), PredictorMultiMaskWrapper(predictor)
 
 
-def data_config() -> DigitsVideoConfig:
-    """The embedded moving-digits clips at the tiny model's size (also what benchmarks probe on)."""
-    return DigitsVideoConfig(num_videos=256, num_frames=FRAMES, size=CROP)
-
-
 def make_mask_collator() -> MaskCollator:
     return MaskCollator(cfgs_mask=CFGS_MASK, crop_size=(CROP, CROP), num_frames=FRAMES, patch_size=PATCH,
                         tubelet_size=TUBELET)
 
 
-def layerlock_config(steps: int) -> LayerLockConfig:  # [LayerLock]
-    """Freeze 2 of the 4 blocks: events at 1/3 and 2/3 of the run, a short LR warmup after each."""  # [LayerLock]
-    return LayerLockConfig(  # [LayerLock]
-        schedule=ScheduleConfig(pixel_steps=steps // 3, interval=steps // 3, max_frozen=2),  # [LayerLock]
-        warmup=WarmupConfig(steps=max(1, steps // 12)),  # [LayerLock]
-    )  # [LayerLock]
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--method", choices=("layerlock", "vjepa"), default="layerlock")
-    p.add_argument("--teacher-frozen", choices=("follow", "stop"), default="follow")
-    p.add_argument("--ckpt", type=Path, default=None, help="checkpoint path (resumes from it if it exists)")
-    p.add_argument("--stop-at", type=int, default=None, help="stop after this many steps (to test resume)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (tiny models: 1 is fastest)")
-    p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     layerlock_on = args.method == "layerlock"
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    # -- init torch distributed backend (torchrun sets WORLD_SIZE)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    world_size, rank = setup_distributed(args)  # torchrun sets WORLD_SIZE: a gloo process group
 
-    # -- init model (same seed on every rank: DDP also broadcasts rank 0's weights)
-    encoder, predictor = init_video_model()
-    target_encoder = copy.deepcopy(encoder)
-    mask_collator = make_mask_collator()
-    data = DigitsVideoDataset(data_config(), "train", cache=True)
-
-    # -- init optimizer and scheduler (V-JEPA's init_opt: AdamW, no WD on biases / norms)
-    param_groups = [
-        {"params": [p for n, p in encoder.named_parameters() if "bias" not in n and len(p.shape) != 1]},
-        {"params": [p for n, p in predictor.named_parameters() if "bias" not in n and len(p.shape) != 1]},
-        {"params": [p for n, p in encoder.named_parameters() if "bias" in n or len(p.shape) == 1],
-         "WD_exclude": True, "weight_decay": 0},
-        {"params": [p for n, p in predictor.named_parameters() if "bias" in n or len(p.shape) == 1],
-         "WD_exclude": True, "weight_decay": 0},
-    ]
-    optimizer = torch.optim.AdamW(param_groups)
-    scheduler = WarmupCosineSchedule(optimizer, warmup_steps=args.steps // 10, start_lr=2e-4, ref_lr=1e-3,
-                                     final_lr=1e-5, T_max=args.steps)
-    wd_scheduler = CosineWDSchedule(optimizer, ref_wd=0.04, final_wd=0.4, T_max=args.steps)
+    # -- init model, mask collator, data, optimizer and schedulers (V-JEPA's init_opt: AdamW, no WD on biases / norms)
+    (encoder, predictor, target_encoder, mask_collator, dataset, optimizer, scheduler,
+     wd_scheduler) = build(args, init_video_model, make_mask_collator, (WarmupCosineSchedule, CosineWDSchedule), FRAMES, CROP)
     if world_size > 1:
         if layerlock_on:
             encoder = LayerLockDDP(encoder, static_graph=True)  # [LayerLock] was DistributedDataParallel(...)
@@ -145,44 +93,14 @@ def main(argv=None) -> dict:
                                      layerlock_config(args.steps), teacher_frozen=args.teacher_frozen,  # [LayerLock]
                                      total_steps=args.steps)  # [LayerLock]
 
-    start_step = 0
     # -- load training checkpoint
-    if args.ckpt is not None and args.ckpt.exists():
-        ckpt = load_checkpoint(args.ckpt)
-        unwrapped = encoder.module if hasattr(encoder, "module") else encoder
-        unwrapped.load_state_dict(ckpt["encoder"])
-        (predictor.module if hasattr(predictor, "module") else predictor).load_state_dict(ckpt["predictor"])
-        target_encoder.load_state_dict(ckpt["target_encoder"])
-        if layerlock is not None:
-            layerlock.load_state_dict(ckpt["layerlock"])  # [LayerLock] re-freezes; before the optimizer state
-        optimizer.load_state_dict(ckpt["opt"])
-        start_step = ckpt["step"]
-        for _ in range(start_step):
-            scheduler.step()
-            wd_scheduler.step()
-            next(momentum_scheduler)
-            mask_collator.step()
-
-    def save_checkpoint(step: int) -> None:
-        if rank != 0 or args.ckpt is None:
-            return
-        save_atomic({
-            "encoder": (encoder.module if hasattr(encoder, "module") else encoder).state_dict(),
-            "predictor": (predictor.module if hasattr(predictor, "module") else predictor).state_dict(),
-            "opt": optimizer.state_dict(),
-            "target_encoder": target_encoder.state_dict(),
-            "step": step,
-            "layerlock": layerlock.state_dict() if layerlock is not None else None,  # [LayerLock]
-        }, args.ckpt)
+    start_step = resume(args, encoder, predictor, target_encoder, optimizer, layerlock)
+    fast_forward(start_step, scheduler.step, wd_scheduler.step, lambda: next(momentum_scheduler), mask_collator.step)
 
     losses: list[float] = []
     stop = args.stop_at if args.stop_at is not None else args.steps
     for step in range(start_step, stop):
-        # -- data and masks depend only on (seed, rank, step): an interrupted run resumes exactly
-        gen = torch.Generator().manual_seed(args.seed * 100_003 + rank * 1_009 + step)
-        index = torch.randint(len(data), (args.batch_size,), generator=gen)
-        torch.manual_seed(args.seed * 100_003 + rank * 1_009 + step)  # MaskCollator draws from the global RNG
-        (clips,), masks_enc, masks_pred = mask_collator([(data[int(i)]["video"],) for i in index])
+        (clips,), masks_enc, masks_pred = mask_collator([(v,) for v in step_videos(args, rank, step, dataset)])
 
         if layerlock is not None:
             layerlock.begin_step(step)  # [LayerLock] freeze on schedule, switch target, LR warmup factor
@@ -230,7 +148,7 @@ def main(argv=None) -> dict:
             shown = {k.split("/")[1]: round(val, 3) for k, val in extra.items()
                      if k.split("/")[1] in ("num_frozen", "target_layer", "warmup_factor", "feature_std")}
             print(f"step {step:4d} loss {losses[-1]:.4f} lr {_new_lr:.2e} {shown}", flush=True)
-    save_checkpoint(stop)
+    save(args, rank, stop, encoder, predictor, target_encoder, optimizer, layerlock)
 
     result = {"losses": losses, "encoder": encoder, "target_encoder": target_encoder, "predictor": predictor,
               "optimizer": optimizer, "layerlock": layerlock,

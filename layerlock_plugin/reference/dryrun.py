@@ -168,7 +168,7 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
         plan = ll.plan_at(start) if not (adaptive and i) else Plan(
             step=start, num_frozen=events[i - 1][1], target_layer=events[i - 1][1], stage=i, steps_since_switch=0,
             stem_frozen=cfg.schedule.freeze_stem, is_switch=True)
-        layers = ll.selector.layers(plan)
+        layers = ll.target_layers(plan)
         fl = step_flops(m, plan.num_frozen, layers, cfg.target.loss_fraction, plan.stem_frozen, cfg.target.context)
         trainable = params - plan.num_frozen * block_params - (stem_params if plan.stem_frozen else 0)
         trainable -= sum(n for h, n in readout.items() if h not in ll.heads(plan))

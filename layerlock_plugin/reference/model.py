@@ -29,7 +29,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .. import _validate as V
-from ..encoder import EncoderUnits, FreezeUnit, check_layers
+from ..encoder import EncoderUnits, FreezeUnit, block_name, check_layers
 from ..errors import ConfigError
 from ..targets import head_name, patchify
 from .rope import RoPE3D, apply_rope, rope_part_dims, sincos_pos_embed_3d
@@ -295,7 +295,7 @@ class VideoMAE(nn.Module):
             )
         self.readouts = nn.ModuleDict({head_name(0): nn.Linear(d, pt * ph * pw * cfg.in_chans)})
         for k in layers:
-            self.readouts[self.latent_head(k)] = nn.Linear(d, d)
+            self.readouts[head_name(k)] = nn.Linear(d, d)
         self.apply(self._init_weights)
         nn.init.normal_(self.query_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
@@ -332,11 +332,6 @@ class VideoMAE(nn.Module):
         t, h, w = self.grid
         return t * h * w
 
-    @staticmethod
-    def latent_head(k: int) -> str:
-        """Readout name for the target ``h_k``."""
-        return head_name(k)
-
     def patchify(self, video: torch.Tensor) -> torch.Tensor:
         """``[B, C, T, H, W]`` -> ``[B, N, pt*ph*pw*C]`` in the order the ``"pixels"`` readout predicts."""
         return patchify(video, self.cfg.tubelet)
@@ -348,7 +343,7 @@ class VideoMAE(nn.Module):
         extra = (self.pos_embed,) if isinstance(self.pos_embed, nn.Parameter) else ()
         return EncoderUnits(
             stem=FreezeUnit("stem", (self.patch_embed,), extra_params=extra),
-            blocks=tuple(FreezeUnit(f"block_{i + 1}", (self.blocks[i],)) for i in range(self.encoder_depth)),
+            blocks=tuple(FreezeUnit(block_name(i + 1), (self.blocks[i],)) for i in range(self.encoder_depth)),
         )
 
     def forward_prefix(self, video: torch.Tensor, layers: Sequence[int],

@@ -1,10 +1,10 @@
 """Wrap the reference model for a strategy, and keep the wrapping consistent with LayerLock's plan.
 
-``none``: the model itself. ``ddp``: ``DistributedDataParallel``, rebuilt whenever the set of trainable
-parameters changes (a freeze event or a new readout head): DDP registers its gradient hooks and buckets
-for the parameters that require grad when it is built, a frozen block's parameters must leave them
-(``static_graph`` cannot survive a freeze, ``find_unused_parameters`` pays a graph walk every step),
-and there are only about ``max_frozen`` such events in a run. ``fsdp``: FSDP2 ``fully_shard`` on the
+``none``: the model itself. ``ddp``: the core's :class:`~layerlock_plugin.integration.LayerLockDDP`, a
+``DistributedDataParallel`` rebuilt whenever the set of trainable parameters changes (a freeze event
+or a new readout head): DDP registers its gradient hooks and buckets for the parameters that require
+grad when it is built, a frozen block's parameters must leave them (``find_unused_parameters`` would
+pay a graph walk every step), and there are only about ``max_frozen`` such events in a run. ``fsdp``: FSDP2 ``fully_shard`` on the
 patch embedding (the stem unit), on every block (the freezing unit: a frozen block is a whole FSDP
 group whose parameters all stop requiring grad) and on the root; with ``bf16`` precision the policy
 keeps bf16 parameters for compute and reduces gradients in fp32. FSDP2 needs no rebuild: groups
@@ -19,7 +19,6 @@ is None, so this changes no update), which keeps DDP from waiting for gradients 
 from __future__ import annotations
 
 import contextlib
-import gc
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..integration import LayerLockDDP, set_active_heads
 from .distributed import DistEnv
 from .model import VideoMAE
 
@@ -54,13 +54,6 @@ def apply_fsdp(model: VideoMAE, param_dtype: torch.dtype | None) -> None:
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
 
 
-def set_active_heads(model: VideoMAE, heads: Sequence[str]) -> None:
-    """Readouts of ``heads`` require grad, the others not (see the module docstring)."""
-    for name, readout in model.readouts.items():
-        for p in readout.parameters():
-            p.requires_grad_(name in heads)
-
-
 class Parallelized:
     """The model as the train step calls it, for one strategy.
 
@@ -71,11 +64,14 @@ class Parallelized:
     def __init__(self, model: VideoMAE, env: DistEnv, precision: str = "auto"):
         self.model, self.env = model, env
         self.dtype = autocast_dtype(precision, env.device)
-        self._ddp: nn.Module | None = None
-        self._key: tuple | None = None
-        self.rebuilds = 0
+        self._ddp: LayerLockDDP | None = None
         if env.strategy == "fsdp":
             apply_fsdp(model, self.dtype)
+
+    @property
+    def rebuilds(self) -> int:
+        """DDP wrappers built so far: the first one and one per change of the trainable set."""
+        return 0 if self._ddp is None else 1 + self._ddp.rebuilds
 
     @property
     def module(self) -> nn.Module:
@@ -84,25 +80,18 @@ class Parallelized:
 
     def sync(self, heads: Sequence[str]) -> bool:
         """Make the wrapping match the trainable set (frozen blocks and active ``heads``); returns True
-        when it changed. Every rank calls it with the same plan, so DDP rebuilds are collective-safe."""
+        when the DDP wrapper was (re)built or, under fsdp, the active heads changed. Every rank calls it
+        with the same plan, so DDP rebuilds are collective-safe."""
         if self.env.strategy == "none":
             return False
-        set_active_heads(self.model, heads)
-        key = tuple(p.requires_grad for p in self.model.parameters())
-        if key == self._key:
-            return False
-        self._key = key
-        if self.env.strategy == "ddp":
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            # Drop the old reducer (and its gradient hooks) before the new one registers its own;
-            # collect now so that no stale hook can fire an all-reduce in the next backward.
-            self._ddp = None
-            gc.collect()
+        changed = set_active_heads(self.model.readouts, heads)
+        if self.env.strategy != "ddp":
+            return changed
+        if self._ddp is None:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            self._ddp = DDP(self.model, device_ids=ids, forward_sync_buffers=False)  # buffers are constants (RoPE)
-            self.rebuilds += 1
-        return True
+            self._ddp = LayerLockDDP(self.model, device_ids=ids, forward_sync_buffers=False)  # buffers: constants (RoPE)
+            return True
+        return self._ddp.sync()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:
@@ -134,4 +123,4 @@ def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
     return float(total)
 
 
-__all__ = ["Parallelized", "apply_fsdp", "set_active_heads", "autocast_dtype", "clip_grad_norm"]
+__all__ = ["Parallelized", "apply_fsdp", "autocast_dtype", "clip_grad_norm"]

@@ -267,7 +267,7 @@ class Trainer:
                     scalars = self.train_step(batch["video"].to(self.device, non_blocking=True))
                     plan = self.layerlock.plan
                     self.log.add_step(scalars, self.throughput.end_step(
-                        plan.num_frozen, self.layerlock.selector.layers(plan), plan.stem_frozen))
+                        plan.num_frozen, self.layerlock.target_layers(plan), plan.stem_frozen))
                     progress.step()
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                         row = self.log.write_row(self.step, {
