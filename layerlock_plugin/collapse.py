@@ -18,6 +18,7 @@ torch.distributed every rank takes the same decision (the trip flag is all-reduc
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -64,8 +65,9 @@ class GuardDecision:
 
 
 @torch.no_grad()
-def feature_stats(features: torch.Tensor, sample_tokens: int = 256) -> dict[str, float]:
-    """``features [..., D]`` -> ``{'feature_std', 'effective_rank'}`` on an evenly strided token sample."""
+def feature_stat_tensors(features: torch.Tensor, sample_tokens: int = 256) -> torch.Tensor:
+    """``features [..., D]`` -> ``[feature_std, effective_rank]`` as a 2-vector on the features' device
+    (no host sync), measured on an evenly strided sample of at most ``sample_tokens`` tokens."""
     x = features.detach().reshape(-1, features.shape[-1]).float()
     if x.shape[0] > sample_tokens:
         x = x[torch.linspace(0, x.shape[0] - 1, sample_tokens, device=x.device).long()]
@@ -73,23 +75,31 @@ def feature_stats(features: torch.Tensor, sample_tokens: int = 256) -> dict[str,
     std = x.std(dim=0, unbiased=False).mean() / rms
     centred = x - x.mean(dim=0, keepdim=True)
     s = torch.linalg.svdvals(centred)
-    p = s / s.sum().clamp_min(1e-12)
+    total = s.sum()
+    p = s / total.clamp_min(1e-12)
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
-    erank = float(torch.exp(entropy)) / min(x.shape) if s.sum() > 0 else 0.0
-    return {"feature_std": float(std), "effective_rank": erank}
+    erank = torch.where(total > 0, torch.exp(entropy) / min(x.shape), torch.zeros_like(entropy))
+    return torch.stack([std, erank])
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if any rank says True (all ranks must take the same decision)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+def feature_stats(features: torch.Tensor, sample_tokens: int = 256) -> dict[str, float]:
+    """``features [..., D]`` -> ``{'feature_std', 'effective_rank'}`` (host floats)."""
+    std, erank = feature_stat_tensors(features, sample_tokens).tolist()
+    return {"feature_std": std, "effective_rank": erank}
+
+
+#: The entries of :meth:`CollapseGuard.measure`'s vector.
+MEASURES = ("nonfinite", "measured", "feature_std", "effective_rank", "relative_loss")
 
 
 class CollapseGuard:
-    """Checks a step's loss and latent target against :class:`GuardConfig` and applies its policy."""
+    """Checks a step's loss and latent target against :class:`GuardConfig` and applies its policy.
+
+    Two halves, so that a host can fold the guard into the one all-reduce and the one host transfer it
+    does per step anyway: :meth:`measure` (on the device, no sync) and :meth:`decide` (on the host, from
+    the measures averaged over ranks, so every rank decides the same without a collective of its own).
+    :meth:`check` does both, with its own all-reduce when ``torch.distributed`` is initialised.
+    """
 
     def __init__(self, config: GuardConfig):
         self.config = config
@@ -97,20 +107,33 @@ class CollapseGuard:
         self.trips = 0
         self.last_stats: dict[str, float] = {}
 
-    def check(self, step: int, loss: torch.Tensor, target: torch.Tensor | None = None) -> GuardDecision:
-        """Check one step. ``loss`` is the scalar loss; ``target [B, Q, D]`` the latent target (or None)."""
+    def measure(self, step: int, loss: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor | None:
+        """``[len(MEASURES)]`` float vector on ``loss``'s device (None with policy ``off``): whether the loss
+        is non-finite, whether the target was measured this step (every ``guard.every`` steps) and then its
+        statistics. ``loss``: scalar; ``target [..., D]``: the latent target (None for pixels)."""
+        if self.config.policy == "off":
+            return None
+        loss = loss.detach().float()
+        nonfinite = (~torch.isfinite(loss)).float().reshape(())
+        if target is None or step % self.config.every:
+            zero = torch.zeros((), device=loss.device)
+            return torch.stack([nonfinite, zero, zero, zero, zero])
+        stats = feature_stat_tensors(target, self.config.sample_tokens).to(loss.device)
+        var = target.detach().float().reshape(-1, target.shape[-1]).var(dim=0).mean().to(loss.device)
+        relative = loss.reshape(()) / var.clamp_min(1e-12)
+        return torch.stack([nonfinite, torch.ones((), device=loss.device), stats[0], stats[1], relative])
+
+    def decide(self, step: int, measures: Sequence[float]) -> GuardDecision:
+        """Thresholds and policy on host values of :meth:`measure` (averaged over ranks by the caller: a
+        non-finite loss on any rank then reads above 0 everywhere)."""
         cfg = self.config
         decision = GuardDecision()
         if cfg.policy == "off":
             return decision
-        reasons = []
-        if not bool(torch.isfinite(loss.detach()).all()):
-            reasons.append(f"non-finite loss ({float(loss.detach())})")
-        measured = target is not None and step % cfg.every == 0
-        if measured:
-            stats = feature_stats(target, cfg.sample_tokens)
-            var = target.detach().float().reshape(-1, target.shape[-1]).var(dim=0).mean()
-            stats["relative_loss"] = float(loss.detach()) / max(float(var), 1e-12)
+        m = dict(zip(MEASURES, (float(x) for x in measures)))
+        reasons = ["non-finite loss"] if m["nonfinite"] > 0 else []
+        if m["measured"] > 0:
+            stats = {k: m[k] for k in ("feature_std", "effective_rank", "relative_loss")}
             self.last_stats = stats
             decision.stats = dict(stats)
             low = []
@@ -121,11 +144,8 @@ class CollapseGuard:
             self.below = self.below + 1 if low else 0
             if self.below >= cfg.patience:
                 reasons += low
-        tripped = _any_rank(bool(reasons), loss.device)
-        if not tripped:
-            return decision
         if not reasons:
-            reasons = ["another rank tripped the guard"]
+            return decision
         self.trips += 1
         decision.tripped = True
         decision.reasons = reasons
@@ -136,6 +156,17 @@ class CollapseGuard:
             decision.skip = True
         log.warning(message + ("" if cfg.policy != "skip" else " (optimizer step skipped)"))
         return decision
+
+    def check(self, step: int, loss: torch.Tensor, target: torch.Tensor | None = None) -> GuardDecision:
+        """Check one step: :meth:`measure`, averaged over ranks (one all-reduce on ``loss``'s device), one
+        host transfer, :meth:`decide`. ``loss`` is the scalar loss; ``target [B, Q, D]`` the latent target."""
+        measures = self.measure(step, loss, target)
+        if measures is None:
+            return GuardDecision()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(measures)
+            measures = measures / dist.get_world_size()
+        return self.decide(step, measures.tolist())
 
     def state_dict(self) -> dict:
         """Trip counters and the latest statistics (plain data)."""

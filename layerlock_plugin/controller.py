@@ -274,26 +274,42 @@ class LayerLock:
         return self.last_targets
 
     @staticmethod
-    def loss(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        """MSE per head, ``{head: [B, Q, P]}`` each, averaged over heads: ``(loss, {head: float})``."""
+    def loss(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """MSE per head, ``{head: [B, Q, P]}`` each, averaged over heads: ``(loss, {head: detached scalar})``."""
         return target_loss(predictions, targets)
 
-    def end_step(self, loss: torch.Tensor,
-                 targets: dict[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor] | None = None) -> GuardDecision:
-        """Run the collapse guard on this step's scalar ``loss`` and latent target; the decision is kept
-        as :attr:`last_decision` (see :func:`~layerlock_plugin.integration.skip_update`).
-
-        ``targets``: the dict :meth:`targets` returned (its newest latent head is checked; pixels are
-        not), or latent targets a host computed itself: a ``[..., D]`` tensor or a list of them (e.g. one
-        per mask), checked together."""
-        latent = None
+    def _latent(self, targets: dict[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor] | None) -> torch.Tensor | None:
+        """The latent target the guard checks: a dict's newest latent head (pixels are not checked), or
+        latent targets a host computed itself (a ``[..., D]`` tensor or a list of them, checked together)."""
         if isinstance(targets, dict):
-            if targets and self.target_layers(self.plan):
-                latent = targets[self.heads(self.plan)[-1]]
-        elif targets is not None:
-            items = [targets] if isinstance(targets, torch.Tensor) else list(targets)
-            latent = torch.cat([x.detach().reshape(-1, x.shape[-1]) for x in items]).unsqueeze(0)
-        self.last_decision = self.guard.check(self.plan.step, loss, latent)
+            return targets[self.heads(self.plan)[-1]] if targets and self.target_layers(self.plan) else None
+        if targets is None:
+            return None
+        items = [targets] if isinstance(targets, torch.Tensor) else list(targets)
+        return torch.cat([x.detach().reshape(-1, x.shape[-1]) for x in items]).unsqueeze(0)
+
+    def guard_measure(self, loss: torch.Tensor,
+                      targets: dict[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor] | None = None
+                      ) -> torch.Tensor | None:
+        """The collapse guard's measures of this step as a small vector on ``loss``'s device, without a
+        host sync or a collective (None when the guard is off). A host that all-reduces its own step
+        scalars can append it, average over ranks and pass the host values to :meth:`end_step` as
+        ``measured``: one collective and one host transfer per step for everything."""
+        return self.guard.measure(self.plan.step, loss, self._latent(targets))
+
+    def end_step(self, loss: torch.Tensor | None = None,
+                 targets: dict[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor] | None = None, *,
+                 measured: Sequence[float] | None = None) -> GuardDecision:
+        """Run the collapse guard on this step's scalar ``loss`` and latent target (see :meth:`_latent` for
+        ``targets``); the decision is kept as :attr:`last_decision` (see
+        :func:`~layerlock_plugin.integration.skip_update`). With ``measured`` (the host values of
+        :meth:`guard_measure`, averaged over ranks) the guard only decides: no collective, no sync."""
+        if measured is not None:
+            self.last_decision = self.guard.decide(self.plan.step, measured)
+        else:
+            if loss is None:
+                raise ValueError("end_step: give the step's loss (or measured=...)")
+            self.last_decision = self.guard.check(self.plan.step, loss, self._latent(targets))
         return self.last_decision
 
     def metrics(self) -> dict[str, float]:

@@ -171,12 +171,13 @@ class TargetSelector:
         return targets
 
 
-def target_loss(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+def target_loss(predictions: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean-squared error per head, ``predictions[h]`` and ``targets[h]`` both ``[B, Q, P]``, averaged over
-    the heads (equal weight): returns the scalar loss and a float per head."""
+    the heads (equal weight): returns the scalar loss and a detached scalar tensor per head (tensors, not
+    floats: reading them on the host would cost a device sync every step; ``float()`` them to log)."""
     missing = set(targets) - set(predictions)
     if missing:
         raise KeyError(f"predictions lack heads {sorted(missing)}; got {sorted(predictions)}")
     parts = {name: F.mse_loss(predictions[name].float(), t.float()) for name, t in targets.items()}
     total = torch.stack(list(parts.values())).mean()
-    return total, {name: float(p.detach()) for name, p in parts.items()}
+    return total, {name: p.detach() for name, p in parts.items()}

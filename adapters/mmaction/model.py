@@ -318,7 +318,7 @@ class LayerLockVideoMAE(BaseModel):
         ll.end_step(loss, targets)
         out = {"loss": loss}
         if len(parts) > 1:  # per-head values for the log; mmengine sums only keys containing 'loss'
-            out.update({f"mse_{h}": torch.tensor(v) for h, v in parts.items()})
+            out.update({f"mse_{h}": v for h, v in parts.items()})
         return out
 
 

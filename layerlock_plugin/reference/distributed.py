@@ -82,7 +82,9 @@ def setup(strategy: str, device: str, timeout_s: int = 600) -> DistEnv:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
     if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        # NCCL takes CUDA tensors only: with both backends in the group a stray CPU tensor goes through
+        # gloo instead of failing or hanging the job (the trainer's own collectives are on the GPU).
+        backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),

@@ -394,8 +394,10 @@ class VideoMAE(nn.Module):
             raise ValueError(
                 f"{name}: must be a non-empty int64 [B={batch}, K] tensor, got {idx.dtype} {tuple(idx.shape)}"
             )
-        # Out-of-range indices would be a device-side assert on GPU; skip the host sync when compiling.
-        if not torch.compiler.is_compiling():
+        # Reading the range on the host is free for CPU indices but a device sync for GPU ones: there an
+        # out-of-range index is left to the device-side assert of the gather (the trainer's are in range by
+        # construction), and nothing is read while compiling.
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling():
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.num_patches:
                 raise ValueError(f"{name}: token positions must be in 0..{self.num_patches - 1}, got {lo}..{hi}")

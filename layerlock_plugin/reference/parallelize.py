@@ -109,18 +109,19 @@ class Parallelized:
         return self.module(*args, **kwargs)
 
 
-def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm; tolerates None grads and FSDP2's sharded (DTensor) gradients,
-    whose local norms are combined across ranks before clipping."""
+def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm and return it (a 0-d tensor on the gradients' device: no host sync);
+    tolerates None grads and FSDP2's sharded (DTensor) gradients, whose local norms are combined across
+    ranks before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros((), device=params[0].device if params else "cpu")
     total = torch.nn.utils.get_total_norm(grads)
     full = getattr(total, "full_tensor", None)
     if full is not None:  # a DTensor with a pending (partial) reduction across ranks
         total = full()
     torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total)
-    return float(total)
+    return total
 
 
 __all__ = ["Parallelized", "apply_fsdp", "autocast_dtype", "clip_grad_norm"]

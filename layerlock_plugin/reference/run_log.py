@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
+import torch
+
 from .run_folder import read_jsonl
 
 METRICS, EVENTS, THROUGHPUT = "metrics.jsonl", "events.jsonl", "throughput.jsonl"
@@ -24,8 +26,8 @@ class RunLog:
         self.folder, self.enabled = folder, enabled
         self.sinks: list[Any] = []  # TensorBoard / W&B (see :mod:`.metric_sinks`), opened by the trainer
         self._files: dict[str, IO[str]] = {}
-        self._window: list[dict[str, float]] = []
-        self._speed: list[dict[str, float]] = []
+        self._window: list[tuple[tuple[str, ...], torch.Tensor, bool]] = []
+        self.last_step: dict[str, float] = {}
 
     def start(self, step: int, source: Path | None = None) -> None:
         """Fresh logs at step 0; else the rows of ``source`` (the resumed run's folder, this one unless
@@ -51,29 +53,43 @@ class RunLog:
     def event(self, record: dict[str, Any]) -> None:
         self._write(EVENTS, record)
 
-    def add_step(self, scalars: dict[str, float], speed: dict[str, float]) -> None:
-        """One step's scalars (loss, grad norm, ...) and throughput numbers, for the next row's means."""
-        self._window.append(scalars)
-        self._speed.append(speed)
+    def add_step(self, names: tuple[str, ...], values: torch.Tensor, skipped: bool) -> None:
+        """One step's scalars ``values [len(names)]`` (on the device: read only at the next row, so steps
+        between rows cost no host sync) and whether its update was skipped."""
+        self._window.append((names, values, skipped))
 
-    def write_row(self, step: int, extra: dict[str, Any]) -> dict[str, Any]:
-        """Average the steps since the last row into a metrics row (plus ``extra``) and a throughput row."""
-        keys = sorted({k for r in self._window for k in r})
+    def write_row(self, step: int, extra: dict[str, Any], speed: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Average the steps since the last row into a metrics row (plus ``extra``; one host transfer) and
+        write ``speed`` as the throughput row. Names starting with ``_`` are not logged; the last step's
+        values, those included, are kept in :attr:`last_step`."""
         row: dict[str, Any] = {"step": step}
-        for k in keys:
-            values = [r[k] for r in self._window if k in r]
-            row[k] = sum(values) / len(values)
+        if self._window:
+            # The head set (hence the names) changes at a target switch: each name is averaged over the
+            # steps that have it, all groups read back in one transfer.
+            groups: dict[tuple[str, ...], list[torch.Tensor]] = {}
+            for names, values, _ in self._window:
+                groups.setdefault(names, []).append(values)
+            flat = torch.cat([torch.stack(v).reshape(-1) for v in groups.values()]).tolist()
+            sums: dict[str, list[float]] = {}
+            offset = 0
+            for names, values in groups.items():
+                for j in range(len(values)):
+                    step_values = flat[offset + j * len(names): offset + (j + 1) * len(names)]
+                    for name, x in zip(names, step_values):
+                        sums.setdefault(name, []).append(x)
+                offset += len(values) * len(names)
+            self.last_step = {name: xs[-1] for name, xs in sums.items()}
+            row.update({k: sum(xs) / len(xs) for k, xs in sorted(sums.items()) if not k.startswith("_")})
+            row["skipped"] = sum(float(w[2]) for w in self._window) / len(self._window)
         row.update(extra)
         self._write(METRICS, row)
         for sink in self.sinks:
             sink.scalars(step, row)
-        if self._speed:
-            mean = {k: sum(r[k] for r in self._speed) / len(self._speed) for k in self._speed[-1] if k != "peak_mem_gb"}
-            mean["peak_mem_gb"] = self._speed[-1]["peak_mem_gb"]
-            self._write(THROUGHPUT, {"step": step, **{k: round(v, 6) for k, v in mean.items()}})
+        if speed is not None:
+            self._write(THROUGHPUT, {"step": step, **{k: (None if v is None else round(v, 6)) for k, v in speed.items()}})
             for sink in self.sinks:
-                sink.scalars(step, mean, prefix="throughput/")
-        self._window, self._speed = [], []
+                sink.scalars(step, speed, prefix="throughput/")
+        self._window = []
         return row
 
     def images(self, step: int, images: dict[str, Path]) -> None:

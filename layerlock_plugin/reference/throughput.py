@@ -1,16 +1,16 @@
-"""Throughput of the training loop: clips/s, tokens/s, MFU (when the device's peak is known), peak memory.
+"""Throughput of the training loop over a log window: step time, clips/s, tokens/s, MFU, peak memory.
 
-MFU = model FLOPs of a step (the analytic count of :func:`.dryrun.step_flops`, which already credits
-LayerLock for the backward passes the frozen blocks skip) / step time / (peak FLOP/s x processes).
-Peak FLOP/s: ``train.peak_tflops`` if set, else a table of dense bf16 peaks of common GPUs; on a CPU or an
-unknown device MFU is not reported (no guessed number). Peak memory: ``torch.cuda.max_memory_allocated``
-on GPU; on CPU the process's peak resident set size (includes the interpreter and libraries).
+Timing covers a whole window of steps (``train.log_every``), so the device is synchronised once per
+window, at the log step, and never inside a step. MFU = model FLOPs of the window's steps (the analytic
+count of :func:`.dryrun.step_flops`, which already credits LayerLock for the backward passes the frozen
+blocks skip) / time / (peak FLOP/s x processes). Peak FLOP/s: ``train.peak_tflops`` if set, else a table
+of dense bf16 peaks of common GPUs; on a CPU or an unknown device MFU is not reported (no guessed number).
+Peak memory: ``torch.cuda.max_memory_allocated``, reset at every change of frozen depth, so each phase
+reports its own peak; on a CPU there is no allocator peak and it is reported as not measured (null).
 """
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from typing import Any
 
@@ -32,15 +32,13 @@ def device_peak_tflops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def peak_memory_bytes(device: torch.device) -> float:
-    if device.type == "cuda":
-        return float(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return float(rss if sys.platform == "darwin" else rss * 1024)
+def peak_memory_bytes(device: torch.device) -> float | None:
+    """The allocator's peak since the last reset on CUDA; None (not measured) elsewhere."""
+    return float(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
 
 
 class Throughput:
-    """Times steps and turns them into throughput numbers (per step; the trainer averages a window)."""
+    """Counts the steps of a window and turns them into throughput numbers at its end."""
 
     def __init__(self, model_cfg: Any, loss_fraction: float, env: DistEnv, peak_tflops: float, global_batch: int,
                  context: str = "full"):
@@ -49,26 +47,40 @@ class Throughput:
         self.tokens = Tokens.of(model_cfg, loss_fraction).n
         peak = peak_tflops or device_peak_tflops(env.device)
         self.peak = peak * 1e12 if peak else None
-        self._t0 = 0.0
+        self._t0, self._steps, self._flops, self._depth = 0.0, 0, 0.0, -1
+        self._flops_of: dict[tuple[int, tuple[int, ...], bool], float] = {}
 
     def _sync(self) -> None:
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)
 
-    def start_step(self) -> None:
+    def start_window(self) -> None:
         self._sync()
-        self._t0 = time.perf_counter()
+        self._t0, self._steps, self._flops = time.perf_counter(), 0, 0.0
 
-    def end_step(self, num_frozen: int, target_layers: list[int], stem_frozen: bool) -> dict[str, float]:
+    def count_step(self, num_frozen: int, target_layers: list[int], stem_frozen: bool) -> None:
+        """A step of the window with this plan (host arithmetic only, no sync)."""
+        if num_frozen != self._depth and self.env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.env.device)  # a new phase: its own peak
+        self._depth = num_frozen
+        key = (num_frozen, tuple(target_layers), stem_frozen)
+        if key not in self._flops_of:
+            self._flops_of[key] = step_flops(self.model_cfg, num_frozen, list(target_layers), self.loss_fraction,
+                                             stem_frozen, self.context)["total"]
+        self._steps += 1
+        self._flops += self._flops_of[key]
+
+    def end_window(self) -> dict[str, float | None]:
+        """Means over the window's steps (one device sync); then a new window starts."""
         self._sync()
-        dt = time.perf_counter() - self._t0
+        dt = (time.perf_counter() - self._t0) / max(self._steps, 1)
         clips = self.global_batch / dt
-        out = {"step_s": dt, "clips_per_s": clips, "tokens_per_s": clips * self.tokens,
-               "peak_mem_gb": peak_memory_bytes(self.env.device) / 2**30}
+        peak = peak_memory_bytes(self.env.device)
+        out: dict[str, float | None] = {"step_s": dt, "clips_per_s": clips, "tokens_per_s": clips * self.tokens,
+                                        "peak_mem_gb": None if peak is None else peak / 2**30}
         if self.peak:
-            flops = step_flops(self.model_cfg, num_frozen, target_layers, self.loss_fraction, stem_frozen,
-                               self.context)["total"]
-            out["mfu"] = flops * self.global_batch / dt / (self.peak * self.env.world_size)
+            out["mfu"] = self._flops / max(self._steps, 1) * self.global_batch / dt / (self.peak * self.env.world_size)
+        self.start_window()
         return out
 
 

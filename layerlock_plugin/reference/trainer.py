@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..collapse import MEASURES
 from ..controller import LayerLock, LayerLockEvent
 from ..schedule import Plan
 from ..errors import ConfigError
@@ -71,6 +73,16 @@ from .run_log import EVENTS, RunLog
 from .sampling import RankBatchSampler, StepBatchSampler
 from .stop import StopRequest
 from .throughput import Throughput
+
+
+@dataclass(frozen=True)
+class StepScalars:
+    """What one training step reports: ``values [len(names)]`` averaged over ranks, on the device (read
+    on the host once per log window); ``skipped``: the guard dropped the update."""
+
+    names: tuple[str, ...]
+    values: torch.Tensor
+    skipped: bool
 
 
 def build_dataset(config: RunConfig, split: str = "train") -> Dataset:
@@ -163,34 +175,62 @@ class Trainer:
 
     # -- one training step: plan -> masks -> (targets -> student -> loss -> backward) per micro-batch
     #    -> one all-reduce -> guard -> optimizer
-    def train_step(self, video: torch.Tensor) -> dict[str, float]:
-        """One optimisation step on this rank's rows ``video [B / world, C, T, H, W]`` of the global
-        batch; returns scalars (averaged over ranks) for logging."""
+    def train_step(self, video: torch.Tensor) -> StepScalars:
+        """One optimisation step on this rank's rows ``video [B / world, C, T, H, W]`` of the global batch.
+
+        Returns the step's scalars averaged over ranks, still on the device. Host syncs: one per step when
+        the collapse guard is on (its decision gates the update), none otherwise; logging reads the
+        scalars once per log window (:class:`.run_log.RunLog`)."""
         plan = self.layerlock.begin_step(self.step)  # freezes on schedule, switches the target, LR warmup
         self.parallel.sync(self.layerlock.heads(plan))  # DDP / readouts follow the trainable set
         visible_idx, query_idx = self.masks(video.shape[0], video.device)
         accum, mb = self.config.train.grad_accum, self.micro_batch
-        loss_sum, parts_sum, targets = None, None, None
+        loss_sum, parts_sum, targets, heads = None, None, None, ()
         for i in range(accum):
             sl = slice(i * mb, (i + 1) * mb)
             loss, parts, targets = self.forward_backward(video[sl], visible_idx[sl], query_idx[sl], plan,
                                                          last_micro=i == accum - 1)
-            d = loss.detach() / accum
+            heads = tuple(parts)
+            d, p = loss.detach() / accum, torch.stack(list(parts.values())) / accum
             loss_sum = d if loss_sum is None else loss_sum + d
-            p = torch.tensor([v / accum for v in parts.values()])
             parts_sum = p if parts_sum is None else parts_sum + p
-        global_loss, part_means = self.reduce(loss_sum, parts_sum)
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip) \
-            if self.config.optim.grad_clip > 0 else 0.0
-        decision = self.layerlock.end_step(global_loss, targets)  # collapse guard: same decision on every rank
+            if self.config.optim.grad_clip > 0 else torch.zeros((), device=self.device)
+        guard = self.layerlock.guard_measure(loss_sum, targets)  # on the device, no sync
+        names, values = self.reduce(loss_sum, parts_sum, heads, grad_norm, guard)
+        host = values.tolist() if guard is not None else None  # the step's one sync (guard on)
+        if host is not None:
+            self._read_flags(dict(zip(names, host)))
+            decision = self.layerlock.end_step(measured=host[len(names) - len(MEASURES):])  # same on every rank
+        else:
+            decision = self.layerlock.end_step(loss_sum)
         self.applied_lr = self.scheduler.get_last_lr()[0] * self.layerlock.warmup_factor(plan)
         if not decision.skip:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        return {"loss": float(global_loss), **{f"loss/{k}": float(v) for k, v in zip(parts, part_means)},
-                "grad_norm": grad_norm, "skipped": float(decision.skip)}
+        return StepScalars(names, values, decision.skip)
+
+    def reduce(self, loss_sum: torch.Tensor, parts_sum: torch.Tensor, heads: tuple[str, ...], grad_norm: torch.Tensor,
+               guard: torch.Tensor | None) -> tuple[tuple[str, ...], torch.Tensor]:
+        """One all-reduce (on the device) of everything the step reports: the loss, its parts, the grad
+        norm (already global: the mean leaves it), a stop request, a due time-based checkpoint and the
+        guard's measures. Every rank then sees the same values, so takes the same guard decision and
+        stops or checkpoints at the same step (a flag raised on any rank has a mean above 0)."""
+        minutes = self.config.train.ckpt_every_minutes
+        due = minutes > 0 and time.monotonic() - self._last_ckpt_time >= 60 * minutes
+        flags = torch.tensor([float(self.stop.requested), float(due)], device=self.device)
+        parts = [loss_sum.reshape(1).float(), parts_sum.float(), grad_norm.reshape(1).float(), flags]
+        names = ("loss", *(f"loss/{h}" for h in heads), "grad_norm", "_stop", "_ckpt_due")
+        if guard is not None:
+            parts.append(guard.float())
+            names += tuple(f"_guard/{m}" for m in MEASURES)
+        return names, all_reduce_mean(torch.cat(parts), self.env)
+
+    def _read_flags(self, values: dict[str, float]) -> None:
+        self.stop_agreed = values["_stop"] > 0
+        self.ckpt_due = values["_ckpt_due"] > 0
 
     def masks(self, local_batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(visible_idx [b, V], query_idx [b, Q])`` of this rank's ``b`` rows. Drawn for the GLOBAL batch
@@ -203,10 +243,13 @@ class Trainer:
         if cfg.target.loss_fraction < 1.0:
             query_idx = subsample_indices(masked_idx, cfg.target.loss_fraction, generator=self.mask_generator)
         rows = slice(self.env.rank * local_batch, (self.env.rank + 1) * local_batch)
-        return visible_idx[rows].to(device), query_idx[rows].to(device)
+        visible_idx, query_idx = visible_idx[rows], query_idx[rows]
+        if device.type == "cuda":  # pinned + non_blocking: the copy does not wait for the GPU
+            return visible_idx.pin_memory().to(device, non_blocking=True), query_idx.pin_memory().to(device, non_blocking=True)
+        return visible_idx, query_idx
 
     def forward_backward(self, video: torch.Tensor, visible_idx: torch.Tensor, query_idx: torch.Tensor, plan: Plan,
-                         last_micro: bool) -> tuple[torch.Tensor, dict[str, float], dict[str, torch.Tensor]]:
+                         last_micro: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One micro-batch: targets (frozen prefix, full input, no autograd) -> student on the visible
         tokens -> L2 loss at the queries -> backward of ``loss / grad_accum`` (DDP reduces on the last)."""
         ll, accum = self.layerlock, self.config.train.grad_accum
@@ -220,18 +263,6 @@ class Trainer:
         # gradients over the equal-sized rank shards: the gradient of the global mean.
         (loss / accum).backward()
         return loss, parts, targets
-
-    def reduce(self, loss_sum: torch.Tensor, parts_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One all-reduce for the logged loss, its parts, the guard's finite check, a stop request and a
-        time-based checkpoint: every rank sees the global mean, so takes the same guard decision and
-        stops or checkpoints at the same step (a flag raised on any rank has a mean above 0)."""
-        minutes = self.config.train.ckpt_every_minutes
-        due = minutes > 0 and time.monotonic() - self._last_ckpt_time >= 60 * minutes
-        flags = torch.tensor([float(self.stop.requested), float(due)])
-        means = all_reduce_mean(torch.cat([loss_sum.reshape(1).float().cpu(), parts_sum, flags]).to(self.device),
-                                self.env).cpu()
-        self.stop_agreed, self.ckpt_due = bool(means[-2] > 0), bool(means[-1] > 0)
-        return means[0], means[1:-2]
 
     # -- the loop ----------------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -262,17 +293,18 @@ class Trainer:
         with Progress(self.step, end, cfg.train.steps, mode, caller_echo) as progress, self.stop:
             self.echo = progress.write if self.env.is_main else self.echo  # print above the progress bar
             try:
+                self.throughput.start_window()
                 for batch in self._loader(end):
-                    self.throughput.start_step()
-                    scalars = self.train_step(batch["video"].to(self.device, non_blocking=True))
+                    out = self.train_step(batch["video"].to(self.device, non_blocking=True))
                     plan = self.layerlock.plan
-                    self.log.add_step(scalars, self.throughput.end_step(
-                        plan.num_frozen, self.layerlock.target_layers(plan), plan.stem_frozen))
+                    self.throughput.count_step(plan.num_frozen, self.layerlock.target_layers(plan), plan.stem_frozen)
+                    self.log.add_step(out.names, out.values, out.skipped)
                     progress.step()
-                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps or self.step == end:
                         row = self.log.write_row(self.step, {
                             "lr": self.applied_lr, "elapsed_s": round(time.perf_counter() - started, 2),
-                            **self.layerlock.metrics()})
+                            **self.layerlock.metrics()}, self.throughput.end_window())
+                        self._read_flags(self.log.last_step)  # with the guard off, stops are seen here
                         progress.row(self.step, row["loss"], int(row["layerlock/num_frozen"]), self.layerlock.heads()[-1])
                     if self.step % cfg.train.ckpt_every == 0 or self.step == end or self.stop_agreed or self.ckpt_due:
                         self.save_checkpoint()
