@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -108,9 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         wall = time.perf_counter() - started
         print(f"done in {wall:.0f} s (training {summary['train_seconds']:.0f} s). Run folder: {config.out_dir}")
         if "probes" in summary:
-            pr = summary["probes"]
-            print("probes (frozen features): " + json.dumps(
-                {k: round(v, 4) for k, v in pr.items() if k.endswith(("_acc", "_chance", "_rmse", "_r2"))}))
+            from .probes import probe_report
+
+            print(probe_report(summary["probes"], config.probe.kind))
     return 0
 
 
