@@ -46,7 +46,7 @@ CANDIDATES: dict[str, list[str]] = {
     "raw-pixels": ["target.normalize_pixels=false"],
     "mask75-raw": ["model.mask_ratio=0.75", "target.normalize_pixels=false"],
     "texture30": ["data.texture=0.3"],
-    "lr3e-3": ["optim.lr=3e-3"],
+    "lr3e-3": ["optim.lr=0.003"],
     "wide128": ["model.embed_dim=128", "model.num_heads=4"],
     "steps2500": ["train.steps=2500"],
     # round 2: clips standardised per colour channel (the patch embedding sees unit-scale content)
@@ -87,7 +87,10 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         if row.get("config") == config.to_dict():
             return row
     started = time.perf_counter()
-    summary = Trainer(config, echo=lambda s: None).fit()
+    try:
+        summary = Trainer(config, echo=lambda s: None).fit()
+    except Exception as e:  # noqa: BLE001 - a worker's exception must unpickle in the parent (a ConfigError does not)
+        raise RuntimeError(f"{job['candidate']} seed {job['seed']}: {type(e).__name__}: {e}") from None
     rows = read_jsonl(out / "metrics.jsonl")
     tail = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]
     probes = dict(summary["probes"])
