@@ -130,8 +130,9 @@ def aggregate_seeds(rows: list[dict[str, Any]], names: list[str], name_key: str,
             entry[key] = mean_std([r["probes"][key] for r in mine if key in r["probes"]])
         for key in stats:
             entry[key] = mean_std([r[key] for r in mine])
-        entry["motion_chance"] = mine[0]["probes"].get("motion_chance")
-        entry["appearance_chance"] = mine[0]["probes"].get("appearance_chance")
+        for task in ("motion", "appearance"):
+            for level in ("uniform", "majority"):
+                entry[f"{task}_chance_{level}"] = mine[0]["probes"].get(f"{task}_chance_{level}")
         table[name] = entry
     return table
 
@@ -147,7 +148,9 @@ def seeds_markdown(table: dict[str, dict[str, Any]], columns: list[tuple[str, st
         lines.append(f"| {label(name)} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells) + " |")
     any_e = next(iter(table.values()), {})
     lines.append("")
-    lines.append(f"Chance: motion {any_e.get('motion_chance')}, appearance {any_e.get('appearance_chance')}. "
+    chance = ", ".join(f"{t} {any_e.get(f'{t}_chance_uniform')} (1/K) / {any_e.get(f'{t}_chance_majority')} (majority)"
+                       for t in ("motion", "appearance"))
+    lines.append(f"Chance: {chance}. "
                  f"mean ± std over seeds (sample std). {note + ' ' if note else ''}"
                  f"{meta['machine']}, torch {meta['torch']}, {meta['date_utc']}.")
     lines.append(f"Command: `{meta['command']}`")
