@@ -144,9 +144,10 @@ def markdown(tab: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         lines.append(f"| {name} ({', '.join(map(str, e['seeds']))}) | `{' '.join(e['sets']) or '(packaged)'}` | "
                      f"{e['train_s'][0]:.0f} | {e['final_loss'][0]:.3f} | " + " | ".join(cells) + f" | {passed} |")
     lines += ["", "mean ± sample std over seeds; gap in stds = (mean MAE - mean random init) / max(std MAE, std "
-              "random init); a task passes at >= 3. Final loss: mean training loss over the last 10% of steps
-              (per-patch-normalised targets: predicting 0 everywhere scores 127/128 = 0.992). Train s: training seconds per run on one thread with two runs "
-              f"sharing the machine's cores. {meta['machine']}, torch {meta['torch']}, {meta['date_utc']}.",
+              "random init); a task passes at >= 3. Final loss: mean training loss over the last 10% of steps "
+              "(per-patch-normalised targets: predicting 0 everywhere scores 127/128 = 0.992). Train s: training "
+              "seconds per run on one thread with two runs sharing the machine's cores."
+              f" {meta['machine']}, torch {meta['torch']}, {meta['date_utc']}.",
               f"Command: `{meta['command']}`"]
     return "\n".join(lines) + "\n"
 
