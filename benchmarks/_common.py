@@ -81,6 +81,17 @@ def start_run(args) -> str:
     return f"-{tag}" if tag else ""
 
 
+def run_jobs(run_one, jobs: list[dict[str, Any]], parallel: int = 1) -> list[Any]:
+    """``[run_one(job) for job in jobs]``, on ``parallel`` spawned worker processes when > 1 (in order).
+    ``run_one`` must be a module-level function and its exceptions picklable."""
+    if parallel <= 1:
+        return [run_one(j) for j in jobs]
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(parallel) as pool:
+        return pool.map(run_one, jobs, chunksize=1)
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, add_run_args, figure, provenance, save_figure, start_run, write_json  # noqa: E402
+from _common import add_run_args, figure, provenance, save_figure, start_run, write_json  # noqa: E402
 
 from layerlock_plugin.checkpoint import load_checkpoint  # noqa: E402
 from layerlock_plugin.reference.calibration import motion_tokens, pixel_tokens, train_supervised  # noqa: E402

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, mean_std, provenance, write_json  # noqa: E402
+from _common import RESULTS, mean_std, provenance, run_jobs, write_json  # noqa: E402
 
 from layerlock_plugin.reference.config import load_config  # noqa: E402
 from layerlock_plugin.reference.trainer import Trainer, read_jsonl  # noqa: E402
@@ -202,11 +201,7 @@ def main(argv: list[str] | None = None) -> int:
              "out": str(runs / f"{name}{suffix}-s{s}")} for name, sets in cands for s in seeds]
     print(f"mae_setting: {len(jobs)} runs ({', '.join(n for n, _ in cands)} x seeds {seeds}), "
           f"{args.jobs} at a time", flush=True)
-    if args.jobs > 1:
-        with mp.get_context("spawn").Pool(args.jobs) as pool:
-            rows = pool.map(run_one, jobs, chunksize=1)
-    else:
-        rows = [run_one(j) for j in jobs]
+    rows = run_jobs(run_one, jobs, args.jobs)
     print(write_results(rows, [n for n, _ in cands], seeds, suffix, Path(args.results_dir)))
     return 0
 

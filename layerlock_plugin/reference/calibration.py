@@ -13,7 +13,6 @@ token grid as the encoder (``(t h w)`` order, one token per tubelet):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import torch
