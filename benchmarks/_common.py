@@ -81,6 +81,17 @@ def start_run(args) -> str:
     return f"-{tag}" if tag else ""
 
 
+def run_jobs(run_one, jobs: list[dict[str, Any]], parallel: int = 1) -> list[Any]:
+    """``[run_one(job) for job in jobs]``, on ``parallel`` spawned worker processes when > 1 (in order).
+    ``run_one`` must be a module-level function and its exceptions picklable."""
+    if parallel <= 1:
+        return [run_one(j) for j in jobs]
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(parallel) as pool:
+        return pool.map(run_one, jobs, chunksize=1)
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -130,8 +141,9 @@ def aggregate_seeds(rows: list[dict[str, Any]], names: list[str], name_key: str,
             entry[key] = mean_std([r["probes"][key] for r in mine if key in r["probes"]])
         for key in stats:
             entry[key] = mean_std([r[key] for r in mine])
-        entry["motion_chance"] = mine[0]["probes"].get("motion_chance")
-        entry["appearance_chance"] = mine[0]["probes"].get("appearance_chance")
+        for task in ("motion", "appearance"):
+            for level in ("uniform", "majority"):
+                entry[f"{task}_chance_{level}"] = mine[0]["probes"].get(f"{task}_chance_{level}")
         table[name] = entry
     return table
 
@@ -147,7 +159,9 @@ def seeds_markdown(table: dict[str, dict[str, Any]], columns: list[tuple[str, st
         lines.append(f"| {label(name)} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells) + " |")
     any_e = next(iter(table.values()), {})
     lines.append("")
-    lines.append(f"Chance: motion {any_e.get('motion_chance')}, appearance {any_e.get('appearance_chance')}. "
+    chance = ", ".join(f"{t} {any_e.get(f'{t}_chance_uniform')} (1/K) / {any_e.get(f'{t}_chance_majority')} (majority)"
+                       for t in ("motion", "appearance"))
+    lines.append(f"Chance: {chance}. "
                  f"mean ± std over seeds (sample std). {note + ' ' if note else ''}"
                  f"{meta['machine']}, torch {meta['torch']}, {meta['date_utc']}.")
     lines.append(f"Command: `{meta['command']}`")

@@ -127,7 +127,7 @@ def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         entry: dict[str, Any] = {"runs": len(mine), "events": [r["events"] for r in mine]}
         for key, _, _ in METRICS:
             entry[key] = mean_std([r["probes"][key] for r in mine if key in r["probes"]])
-        for key in ("motion_chance", "appearance_chance"):  # majority-class frequency on the probe test set
+        for key in ("motion_chance_majority", "appearance_chance_majority"):  # majority-class frequency on the probe test set
             entry[key] = mean_std([r["probes"][key] for r in mine if key in r["probes"]])[0]
         entry["final_loss"] = mean_std([r["final_loss"] for r in mine])
         entry["train_flops"] = mean_std([r["train_flops"] for r in mine])
@@ -148,9 +148,10 @@ def markdown(table: dict[str, dict[str, Any]], steps: int, seeds: list[int], met
         cells = [f"{e[k][0]:.3f} ± {e[k][1]:.3f}" for k, _, _ in METRICS]
         lines.append(f"| {name} | {ev} | " + " | ".join(cells) + f" | {e['final_loss'][0]:.4f} ± {e['final_loss'][1]:.4f} | "
                      f"{e['train_flops'][0] / 1e12:.3f} T ({e.get('flops_vs_explicit', float('nan')):.3f}) |")
-    chance = {k: max(e.get(k, float("nan")) for e in table.values()) for k in ("motion_chance", "appearance_chance")}
-    lines += ["", f"Chance (majority class on the probe test set): motion {chance['motion_chance']:.3f}, "
-              f"appearance {chance['appearance_chance']:.3f}."]
+    chance = {k: max(e.get(k, float("nan")) for e in table.values())
+              for k in ("motion_chance_majority", "appearance_chance_majority")}
+    lines += ["", f"Chance (majority class on the probe test set): motion {chance['motion_chance_majority']:.3f}, "
+              f"appearance {chance['appearance_chance_majority']:.3f}."]
     lines += ["", "Probes: the trainer's own (attentive motion / appearance classification, ridge depth R²) on frozen "
               "encoder tokens. The final loss is each run's loss on its own final target (block 3 of its own frozen "
               "prefix), so it is not comparable across schedules. FLOPs: each distinct plan's step measured once "

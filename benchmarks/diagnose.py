@@ -74,7 +74,7 @@ def diagnose(name: str, config, model: VideoMAE, layers: list[int], probe_videos
         probes = run_probes(lambda v, k=k: model.encode(v, layer=k), train, test, model.grid, config.model.tubelet,
                             probe_cfg)
         row = {"run": name, "layer": k, **token_stats(model, video, k), **{key: probes.get(key) for key in KEYS},
-               "motion_chance": probes.get("motion_chance"), "appearance_chance": probes.get("appearance_chance")}
+               **{key: probes.get(key) for key in ("motion_chance_majority", "appearance_chance_majority")}}
         rows.append(row)
         print(f"  {name:>24} layer {k}: " + ", ".join(f"{a} {row[a]:.3f}" for a in
               ("feature_std", "effective_rank", "top3_variance_share", *KEYS)), flush=True)
@@ -89,7 +89,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                      f"{r['top3_variance_share']:.2f} | {r['motion_acc']:.3f} | {r['appearance_acc']:.3f} | "
                      f"{r['dense_r2']:.3f} |")
     first = rows[0]
-    lines += ["", f"Chance: motion {first['motion_chance']}, appearance {first['appearance_chance']}. "
+    lines += ["", f"Chance: motion {first['motion_chance_majority']}, appearance {first['appearance_chance_majority']}. "
               f"{meta['machine']}, torch {meta['torch']}, {meta['date_utc']}. Command: `{meta['command']}`"]
     return "\n".join(lines) + "\n"
 

@@ -82,14 +82,20 @@ def patchify(video: torch.Tensor, tubelet: Sequence[int]) -> torch.Tensor:
 
 
 def pixel_targets(video: torch.Tensor, tubelet: Sequence[int], normalize: bool = True, eps: float = 1e-6) -> torch.Tensor:
-    """Pixel targets ``[B, N, P]`` (videos or images, see :func:`patchify`); per-patch normalised
-    (zero mean, unit variance) when ``normalize``."""
+    """Pixel targets ``[B, N, P]`` (videos or images, see :func:`patchify`; ``P = pt*ph*pw*C``).
+
+    With ``normalize``, VideoMAE's per-patch normalisation: each colour channel of a patch separately
+    gets zero mean and unit variance over the patch's ``pt*ph*pw`` pixels (unbiased variance,
+    ``(x - mean) / (std + eps)``), so a patch's brightness and tint are not part of the target.
+    """
     patches = patchify(video, tubelet)
     if not normalize:
         return patches
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, unbiased=True, keepdim=True)
-    return (patches - mean) / (var + eps).sqrt()
+    # patchify puts the channel fastest inside a patch: [B, N, P] -> [B, N, pixels, C]
+    per_channel = patches.unflatten(-1, (-1, video.shape[1]))
+    mean = per_channel.mean(dim=-2, keepdim=True)
+    std = per_channel.var(dim=-2, unbiased=True, keepdim=True).sqrt()
+    return ((per_channel - mean) / (std + eps)).flatten(-2)
 
 
 def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

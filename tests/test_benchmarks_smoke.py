@@ -136,3 +136,41 @@ def test_vjepa_reproduction_quick(tmp_path):
     # the LayerLock run froze on its schedule (2 of 4 blocks), the V-JEPA baseline froze nothing
     assert runs["layerlock"]["num_frozen"] == 2 and runs["vjepa"]["num_frozen"] == 0
     assert all(len(r["losses_every_10"]) == 1 and r["steps"] == 6 for r in runs.values())
+
+
+@pytest.mark.timeout(240)
+def test_calibration_quick(tmp_path):
+    cal = _load("calibration")
+    assert cal.main(["--quick", "--results-dir", str(tmp_path), "--threads", "1"]) == 0
+    res = _outputs(tmp_path, "calibration-quick")
+    assert (tmp_path / "calibration-quick.png").stat().st_size > 0
+    assert [r["rung"] for r in res["rows"]] == ["pixels", "motion_features", "random_init", "supervised_motion",
+                                                "supervised_appearance"]
+    for r in res["rows"]:
+        for key in ("motion_linear_acc", "motion_attentive_acc", "motion_knn_acc", "appearance_acc", "dense_r2"):
+            assert math.isfinite(r["probes"][key]), (r["name"], key)
+    assert [c["check"].split()[0] for c in res["checks"]] == ["motion", "supervised", "supervised"]
+    assert all(isinstance(c["passed"], bool) for c in res["checks"])
+
+
+@pytest.mark.timeout(240)
+def test_mae_setting_quick(tmp_path):
+    ms = _load("mae_setting")
+    args = ["--quick", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
+    assert ms.main(args) == 0
+    res = _outputs(tmp_path, "mae_setting-quick")
+    (row,) = res["runs"]
+    assert row["candidate"] == "packaged" and row["config"]["method"] == "mae"
+    assert set(row["mae"]) == set(row["random_init"]) and "motion_attentive_acc" in row["mae"]
+    entry = res["table"]["packaged"]
+    assert entry["seeds"] == [0] and entry["tasks_passed"] == 0  # one seed can never pass
+    assert ms.main(args) == 0  # the finished run is read back
+
+
+def test_mae_setting_criterion():
+    ms = _load("mae_setting")
+    v = ms.verdict([0.50, 0.52, 0.51], [0.40, 0.41, 0.42])
+    assert v["passes"] and v["passes_paired"] and v["gap_in_stds"] == pytest.approx(10.0)
+    v = ms.verdict([0.50, 0.60, 0.40], [0.40, 0.41, 0.42])  # too noisy: 0.09 < 3 * 0.1
+    assert not v["passes"]
+    assert not ms.verdict([0.5, 0.5], [0.1, 0.1])["passes"]  # fewer than 3 seeds

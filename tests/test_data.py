@@ -16,6 +16,7 @@ from layerlock_plugin.reference.data import (
     DigitsVideoDataset,
     VideoFolderConfig,
     VideoFolderDataset,
+    channel_stats,
     clip_indices,
     digit_split_indices,
     direction_vector,
@@ -241,6 +242,7 @@ def test_depth_map_separates_digit_and_background():
         ("data.fog", {"fog": 0}),
         ("data.test_digit_fraction", {"test_digit_fraction": 1.0}),
         ("data.seed", {"seed": -1}),
+        ("data.standardize", {"standardize": 1}),
     ],
 )
 def test_config_errors_name_the_field(field, kwargs):
@@ -248,6 +250,25 @@ def test_config_errors_name_the_field(field, kwargs):
         DigitsVideoConfig(**kwargs)
     assert info.value.field == field
     assert str(info.value).startswith(field + ":")
+
+
+def test_standardize_uses_train_statistics_for_both_splits():
+    """Standardised clips are the [0, 1] clips mapped per channel with the train split's statistics:
+    unit scale on train, the same affine map (not their own statistics) on test, labels and depth as before."""
+    raw_cfg = DigitsVideoConfig(num_videos=40, num_test_videos=8)
+    cfg = DigitsVideoConfig(num_videos=40, num_test_videos=8, standardize=True)
+    mean, std = channel_stats(cfg)
+    assert mean.shape == std.shape == (3,) and np.all(std > 0.05)
+    train = torch.stack([DigitsVideoDataset(cfg, "train")[i]["video"] for i in range(40)])
+    torch.testing.assert_close(train.mean(dim=(0, 2, 3, 4)), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(train.std(dim=(0, 2, 3, 4), unbiased=False), torch.ones(3), atol=1e-4, rtol=0)
+    for split in ("train", "test"):
+        a, b = DigitsVideoDataset(raw_cfg, split)[3], DigitsVideoDataset(cfg, split)[3]
+        want = (a["video"] - torch.from_numpy(mean).view(3, 1, 1, 1)) / torch.from_numpy(std).view(3, 1, 1, 1)
+        torch.testing.assert_close(b["video"], want)
+        assert all(torch.equal(a[k], b[k]) for k in ("motion", "appearance", "depth"))
+    # the statistics are a function of the config, not of the split or of the standardize flag
+    assert np.array_equal(channel_stats(raw_cfg)[0], mean)
 
 
 def test_config_accepts_yaml_lists_and_rejects_unknown_fields():

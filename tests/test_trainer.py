@@ -81,8 +81,8 @@ def test_cli_main_job_writes_run_folder(tmp_path, capsys):
     assert rows[-1]["step"] == 16 and rows[-1]["layerlock/num_frozen"] == 3.0 and "loss/layer_3" in rows[-1]
     assert any("layerlock/feature_std" in r for r in rows)
     probes = json.loads((out / "probes.json").read_text())
-    for key in ("motion_acc", "appearance_acc", "dense_rmse", "dense_r2", "motion_chance"):
-        assert key in probes
+    for key in ("motion_acc", "appearance_acc", "dense_rmse", "dense_r2", "motion_chance_uniform"):
+        assert key in probes and key in probes["random_init"]
     ckpt = load_checkpoint(out / "checkpoint.pt")
     assert ckpt["step"] == 16 and ckpt["layerlock"]["next_step"] == 16
     # the written config reproduces the run

@@ -10,7 +10,6 @@ says how the LR schedule changes. Bad input exits with code 2 and one line namin
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -223,9 +222,9 @@ def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
     wall = time.perf_counter() - started
     print(f"done in {wall:.0f} s (training {summary['train_seconds']:.0f} s). Run folder: {config.out_dir}")
     if "probes" in summary:
-        pr = summary["probes"]
-        print("probes (frozen features): " + json.dumps(
-            {k: round(v, 4) for k, v in pr.items() if k.endswith(("_acc", "_chance", "_rmse", "_r2"))}))
+        from .probes import probe_report
+
+        print(probe_report(summary["probes"], config.probe.kind))
     return 0
 
 

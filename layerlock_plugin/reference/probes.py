@@ -1,34 +1,49 @@
 """Frozen-feature probes: motion and appearance classification, dense per-patch depth regression.
 
-The encoder is frozen; only a small read-out is trained on its tokens ``[n, N, D]`` (order ``(t h w)``
+The encoder is frozen; only small read-outs are trained on its tokens ``[n, N, D]`` (order ``(t h w)``
 on the grid ``(T', H', W')``).
 
-* **Classification** (``motion``, ``appearance``), ``ProbeConfig.kind``:
+**Feature normalisation first** (``ProbeConfig.normalize``), with statistics of the probe-train
+tokens only: ``'standardize'`` (default: per channel, zero mean and unit variance over all probe-train
+tokens), ``'whiten'`` (the probe-train covariance mapped to the identity, ZCA), ``'layer_norm'`` (each
+token by its own mean and scale, no affine) or ``'none'``. Trained encoders put most of their variance
+in a few directions; a per-token layer norm rescales every token by that dominant scale and drowns the
+small directions that carry the labels, per-channel standardisation keeps them.
 
-  - ``'attentive'`` (as in V-JEPA / 4DS / LayerLock): tokens -> LayerNorm (no affine) -> plus a
-    fixed 3D sin-cos embedding of the token grid (:func:`~.rope.sincos_pos_embed_3d`; a RoPE encoder
-    puts no absolute position in its tokens, the probe knows the layout) -> one
-    ``nn.MultiheadAttention(attn_dim, attn_heads, kdim=D, vdim=D)`` from a learned query token ->
-    LayerNorm (no affine) -> linear classifier. Trained full batch with AdamW for ``steps`` steps
-    (``lr``, cosine decay to 0) from a seeded initialisation. See :class:`AttentiveProbes` for how
-    the single-query attention runs on :func:`torch.nn.functional.scaled_dot_product_attention`
-    without computing keys and values for every token.
-  - ``'linear'``: a multinomial logistic regression (L-BFGS, full batch) on a fixed pooling of the
-    tokens, standardised with the probe-train statistics. ``pooling='tokens_pca'``: every token
-    projected on the top-``pca_dim`` principal directions, all tokens concatenated (a weight per
-    token position); ``'temporal_slots'``: spatial mean per temporal slot, slots concatenated.
+* **Classification** (``motion``, ``appearance``): every kind in ``ProbeConfig.kinds`` is fitted and
+  reported as ``<task>_<kind>_acc``; ``ProbeConfig.kind`` is the headline one, also reported as
+  ``<task>_acc``.
+
+  - ``'linear'``: multinomial logistic regression (L-BFGS, full batch) on pooled tokens
+    (``pooling``: ``'mean'`` over all tokens, ``'temporal_slots'`` = spatial mean per temporal slot,
+    concatenated, or ``'tokens_pca'`` = every token projected on the top-``pca_dim`` principal
+    directions, concatenated: a weight per token position).
+  - ``'attentive'`` (as in V-JEPA / 4DS / LayerLock): normalised tokens plus a fixed 3D sin-cos
+    embedding of the token grid (:func:`~.rope.sincos_pos_embed_3d`; a RoPE encoder puts no absolute
+    position in its tokens, the probe knows the layout) -> one ``nn.MultiheadAttention(attn_dim,
+    attn_heads, kdim=D, vdim=D)`` from a learned query token -> LayerNorm (no affine) -> linear
+    classifier. Trained full batch with AdamW for ``steps`` steps (``lr``, cosine decay to 0) from a
+    seeded initialisation. See :class:`AttentiveProbes` for how the single-query attention runs on
+    :func:`torch.nn.functional.scaled_dot_product_attention` without keys and values for every token.
+  - ``'knn'``: k nearest probe-train neighbours of the pooled features by cosine similarity, votes
+    weighted by ``exp(similarity / knn_temperature)`` (DINO's k-NN evaluation).
 
 * **Dense** (``depth``): the target of each token is the mean depth over the pixels of its tubelet
   (``depth [T, H, W]`` average-pooled by the tubelet to the token grid). The probe is one linear
-  ridge regression ``D -> 1`` shared by all tokens, solved in closed form on standardised features
-  (whatever ``kind`` is).
+  ridge regression ``D -> 1`` shared by all tokens, solved in closed form.
 
-Regularisation (``l2`` for the logistic and ridge probes, ``weight_decay`` for the attentive ones) is
-a single value or a small grid. With a grid, each probe picks its value on a **held-out split of the
-probe-train videos** (``val_fraction`` of them, drawn with ``seed``; held-out accuracy, held-out
-cross-entropy breaking ties, ties going to the stronger penalty), then refits on all probe-train
-videos with that value. The test set is only ever used for the final score. The chosen values are
-reported as ``<task>_l2`` (linear, dense) or ``<task>_weight_decay`` (attentive).
+**Chance** is reported twice per task: ``<task>_chance_uniform = 1 / K`` with ``K`` the dataset's
+number of classes (``dataset.num_classes[task]``, not the labels that happen to occur) and
+``<task>_chance_majority``, the share of the most frequent class on the test set.
+
+Regularisation (``l2`` for the logistic and ridge probes, ``weight_decay`` for the attentive ones,
+``knn_k`` for k-NN) is a single value or a small grid. With a grid, each probe picks its value on a
+**held-out split of the probe-train videos** (``val_fraction`` of them, drawn with ``seed``; held-out
+accuracy, held-out cross-entropy breaking ties, ties going to the stronger penalty / more neighbours),
+then refits on all probe-train videos with that value. The test set is only ever used for the final
+score. The chosen values are reported as ``<task>_linear_l2``, ``<task>_attentive_weight_decay``,
+``<task>_knn_k`` and ``dense_l2``. The normalisation statistics always come from all probe-train
+videos (they use no label).
 
 Objectives (``W`` excludes the bias, which is never penalised)::
 
@@ -45,7 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -64,13 +79,18 @@ __all__ = [
     "ProbeConfig",
     "extract_features",
     "token_depth_targets",
+    "fit_feature_norm",
+    "pool_features",
     "pool_temporal_slots",
     "pool_tokens_pca",
     "AttentiveProbes",
     "attentive_inputs",
     "fit_attentive",
+    "fit_knn",
     "fit_logistic",
     "fit_ridge",
+    "probe_features",
+    "probe_report",
     "run_probes",
 ]
 
@@ -78,14 +98,18 @@ Encode = Callable[[torch.Tensor], torch.Tensor]
 CLASS_TASKS = ("motion", "appearance")
 
 
-def _grid_field(field: str, value: Any) -> float | tuple[float, ...]:
-    """One non-negative number, or a non-empty list of them (a one-element list becomes the number)."""
+def _grid_field(field: str, value: Any, check: Callable[[str, Any], Any] = v.non_negative_float) -> Any:
+    """One value, or a non-empty list of them (a one-element list becomes the value)."""
     if isinstance(value, (list, tuple)):
         if len(value) == 0:
             raise ConfigError(field, "the grid must hold at least one value, got an empty list")
-        grid = tuple(v.non_negative_float(field, x) for x in value)
+        grid = tuple(check(field, x) for x in value)
         return grid if len(grid) > 1 else grid[0]
-    return v.non_negative_float(field, value)
+    return check(field, value)
+
+
+def _as_grid(value: Any) -> tuple[Any, ...]:
+    return value if isinstance(value, tuple) else (value,)
 
 
 @dataclass(frozen=True)
@@ -96,49 +120,75 @@ class ProbeConfig:
     ``batch_size``: encoding batch size. ``val_fraction`` / ``seed``: the held-out split of the
     probe-train videos on which every grid below is searched (never the test set).
 
-    ``kind``: classification read-out, ``'attentive'`` (default) or ``'linear'``.
+    ``normalize``: ``'standardize'`` (default), ``'whiten'``, ``'layer_norm'`` or ``'none'`` (see the
+    module docstring); ``whiten_eps``: added to the covariance's eigenvalues, relative to their mean.
 
+    ``kinds``: the classification read-outs fitted (each reported), any of ``'linear'``,
+    ``'attentive'``, ``'knn'``; ``kind``: the headline one (reported as ``<task>_acc``), one of ``kinds``.
+
+    * linear: ``pooling`` (``'mean'``, ``'temporal_slots'`` or ``'tokens_pca'`` with ``pca_dim``
+      directions), ``max_iter`` L-BFGS iterations, ``l2`` one value or a grid.
     * attentive: ``steps`` full-batch AdamW steps at peak learning rate ``lr`` (cosine decay to 0),
       ``weight_decay`` one value or a grid, ``attn_heads`` heads, ``attn_dim`` width after the
       value/output projection.
-    * linear: ``pooling`` (``'tokens_pca'`` with ``pca_dim`` directions, or ``'temporal_slots'``),
-      ``max_iter`` L-BFGS iterations, ``l2`` one value or a grid.
+    * knn: ``knn_k`` neighbours, one value or a grid; ``knn_temperature`` of the vote weights; the
+      features are those of the linear probe (``pooling``).
 
-    ``l2`` also regularises the dense depth ridge probe (used by both kinds).
+    ``l2`` also regularises the dense depth ridge probe.
     """
 
     train_videos: int = 512
     test_videos: int = 512
     batch_size: int = 64
+    normalize: str = "standardize"
+    whiten_eps: float = 1e-4
+    kind: str = "attentive"
+    kinds: tuple[str, ...] = ("linear", "attentive", "knn")
     max_iter: int = 100
     l2: float | tuple[float, ...] = (1e-4, 1e-3, 1e-2, 1e-1)
     val_fraction: float = 0.2
     seed: int = 0
-    pooling: str = "tokens_pca"
+    pooling: str = "mean"
     pca_dim: int = 16
-    kind: str = "attentive"
     steps: int = 200
     lr: float = 3e-3
     weight_decay: float | tuple[float, ...] = (0.1, 1.0, 10.0)
     attn_heads: int = 4
     attn_dim: int = 96
+    knn_k: int | tuple[int, ...] = (5, 20, 50)
+    knn_temperature: float = 0.07
 
-    KINDS: ClassVar[tuple[str, ...]] = ("attentive", "linear")
+    KINDS: ClassVar[tuple[str, ...]] = ("linear", "attentive", "knn")
+    NORMALIZATIONS: ClassVar[tuple[str, ...]] = ("standardize", "whiten", "layer_norm", "none")
+    POOLINGS: ClassVar[tuple[str, ...]] = ("mean", "temporal_slots", "tokens_pca")
 
     def __post_init__(self) -> None:
         v.positive_int("probe.train_videos", self.train_videos)
         v.positive_int("probe.test_videos", self.test_videos)
         v.positive_int("probe.batch_size", self.batch_size)
+        v.one_of("probe.normalize", self.normalize, self.NORMALIZATIONS)
+        object.__setattr__(self, "whiten_eps", v.positive_float("probe.whiten_eps", self.whiten_eps))
+        kinds = self.kinds
+        if isinstance(kinds, str):
+            kinds = (kinds,)
+        if not isinstance(kinds, (list, tuple)) or len(kinds) == 0:
+            raise ConfigError("probe.kinds", f"must be a non-empty list of {', '.join(self.KINDS)}; got {self.kinds!r}")
+        kinds = tuple(v.one_of("probe.kinds", k, self.KINDS) for k in kinds)
+        if len(set(kinds)) != len(kinds):
+            raise ConfigError("probe.kinds", f"must not repeat a kind, got {self.kinds!r}")
+        object.__setattr__(self, "kinds", kinds)
+        v.one_of("probe.kind", self.kind, self.KINDS)
+        if self.kind not in kinds:
+            raise ConfigError("probe.kind", f"must be one of probe.kinds {list(kinds)} (the headline probe), got {self.kind!r}")
         v.positive_int("probe.max_iter", self.max_iter)
         v.non_negative_int("probe.seed", self.seed)
-        v.one_of("probe.pooling", self.pooling, ("tokens_pca", "temporal_slots"))
+        v.one_of("probe.pooling", self.pooling, self.POOLINGS)
         v.positive_int("probe.pca_dim", self.pca_dim)
         vf = self.val_fraction
         if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0.0 < float(vf) < 1.0:
             raise ConfigError("probe.val_fraction", f"must be a number in (0, 1), got {vf!r}")
         object.__setattr__(self, "val_fraction", float(vf))
         object.__setattr__(self, "l2", _grid_field("probe.l2", self.l2))
-        v.one_of("probe.kind", self.kind, self.KINDS)
         v.positive_int("probe.steps", self.steps)
         object.__setattr__(self, "lr", v.positive_float("probe.lr", self.lr))
         object.__setattr__(self, "weight_decay", _grid_field("probe.weight_decay", self.weight_decay))
@@ -148,14 +198,20 @@ class ProbeConfig:
             raise ConfigError(
                 "probe.attn_dim", f"must be divisible by probe.attn_heads={self.attn_heads}, got {self.attn_dim}"
             )
+        object.__setattr__(self, "knn_k", _grid_field("probe.knn_k", self.knn_k, v.positive_int))
+        object.__setattr__(self, "knn_temperature", v.positive_float("probe.knn_temperature", self.knn_temperature))
 
     @property
     def l2_grid(self) -> tuple[float, ...]:
-        return self.l2 if isinstance(self.l2, tuple) else (self.l2,)
+        return _as_grid(self.l2)
 
     @property
     def weight_decay_grid(self) -> tuple[float, ...]:
-        return self.weight_decay if isinstance(self.weight_decay, tuple) else (self.weight_decay,)
+        return _as_grid(self.weight_decay)
+
+    @property
+    def knn_k_grid(self) -> tuple[int, ...]:
+        return _as_grid(self.knn_k)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> ProbeConfig:
@@ -225,6 +281,40 @@ def extract_features(
     return out
 
 
+# ---------------------------------------------------------------------------------------------------
+# Feature normalisation (probe-train statistics)
+
+
+def fit_feature_norm(train: torch.Tensor, mode: str = "standardize", eps: float = 1e-4) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Fit the normalisation ``mode`` on probe-train tokens ``train [n, N, D]`` (statistics over all
+    ``n * N`` tokens); returns ``apply(x [..., D]) -> float32 [..., D]``.
+
+    ``'standardize'``: ``(x - mean) / std`` per channel; ``'whiten'``: ``(x - mean) @ W`` with
+    ``W = U (S + eps * mean(S))^-1/2 U^T`` from the covariance ``U S U^T`` (ZCA: the identity covariance,
+    the axes kept); ``'layer_norm'``: each token over its own ``D`` values (no statistics);
+    ``'none'``: the identity.
+    """
+    v.one_of("probe.normalize", mode, ProbeConfig.NORMALIZATIONS)
+    d = train.shape[-1]
+    if mode == "none":
+        return lambda x: x.float()
+    if mode == "layer_norm":
+        return lambda x: F.layer_norm(x.float(), (d,))
+    flat = train.reshape(-1, d).double()
+    mean = flat.mean(0)
+    if mode == "standardize":
+        # a channel that is constant on probe-train carries nothing: it maps to 0, not to noise / 1e-6
+        std = flat.std(0, unbiased=False)
+        inv = torch.where(std > 1e-8 * std.max().clamp_min(1e-30), 1.0 / std, torch.zeros_like(std))
+        return lambda x: ((x.double() - mean) * inv).float()
+    centred = flat - mean
+    cov = centred.T @ centred / centred.shape[0]
+    evals, evecs = torch.linalg.eigh(cov)
+    evals = evals.clamp_min(0.0)
+    w = evecs @ torch.diag((evals + eps * evals.mean().clamp_min(1e-30)).rsqrt()) @ evecs.T
+    return lambda x: ((x.double() - mean) @ w).float()
+
+
 def pool_temporal_slots(features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     """``[n, N, D]`` tokens ``(t h w)`` -> ``[n, T' * D]``: spatial mean per temporal slot, concatenated."""
     t, h, w = (int(x) for x in grid)
@@ -253,6 +343,18 @@ def pool_tokens_pca(train: torch.Tensor, test: torch.Tensor, k: int) -> tuple[to
         return ((x.double() - mean) @ basis).reshape(x.shape[0], -1).float()
 
     return project(train), project(test)
+
+
+def pool_features(train: torch.Tensor, test: torch.Tensor, grid: Sequence[int], pooling: str,
+                  pca_dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear / k-NN probes' inputs: ``[n, N, D]`` tokens -> ``[n, F]`` by ``pooling``
+    (``'mean'``: ``F = D``; ``'temporal_slots'``: ``F = T' * D``; ``'tokens_pca'``: ``F = N * pca_dim``)."""
+    v.one_of("probe.pooling", pooling, ProbeConfig.POOLINGS)
+    if pooling == "tokens_pca":
+        return pool_tokens_pca(train, test, pca_dim)
+    if pooling == "temporal_slots":
+        return pool_temporal_slots(train, grid), pool_temporal_slots(test, grid)
+    return train.mean(dim=1), test.mean(dim=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,17 +447,42 @@ def fit_ridge(x: torch.Tensor, y: torch.Tensor, l2: float) -> Callable[[torch.Te
 
 
 # ---------------------------------------------------------------------------------------------------
+# k-NN probe
+
+
+def fit_knn(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, k: int, temperature: float = 0.07
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Weighted k-NN on ``x [n, F]`` (cosine similarity, votes ``exp(sim / temperature)``, DINO's
+    k-NN evaluation); returns ``predict(xq [m, F]) -> [m, num_classes]`` log vote shares (a valid
+    log-probability, so held-out cross-entropy can break ties like the other probes)."""
+    bank = F.normalize(x.double(), dim=1)
+    onehot = F.one_hot(y.long(), num_classes).double()
+    k = min(int(k), bank.shape[0])
+
+    def predict(xq: torch.Tensor) -> torch.Tensor:
+        with _single_thread():
+            sim = F.normalize(xq.double(), dim=1) @ bank.T  # [m, n]
+            top, idx = sim.topk(k, dim=1)
+            weight = ((top - top[:, :1]) / temperature).exp()  # shifted: the largest weight is 1
+            votes = torch.einsum("mk,mkc->mc", weight, onehot[idx])
+            return (votes / votes.sum(1, keepdim=True)).clamp_min(1e-12).log()
+
+    return predict
+
+
+# ---------------------------------------------------------------------------------------------------
 # Attentive probes
 
 
 def attentive_inputs(features: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
-    """Inputs of the attentive probes: ``[n, N, D]`` tokens ``(t h w)`` -> LayerNorm over ``D`` (no
-    affine) plus the fixed 3D sin-cos embedding of ``grid`` (float32)."""
+    """Inputs of the attentive probes: ``[n, N, D]`` tokens ``(t h w)`` (already normalised, see
+    :func:`fit_feature_norm`) plus the fixed 3D sin-cos embedding of ``grid`` (float32)."""
     grid = tuple(int(g) for g in grid)
     n, num_tokens, d = features.shape
     if num_tokens != math.prod(grid):
         raise ValueError(f"features have N = {num_tokens} tokens but grid {grid} gives {math.prod(grid)}")
-    x = F.layer_norm(features.float(), (d,))
+    x = features.float()
     return x + sincos_pos_embed_3d(grid, d).to(x)
 
 
@@ -551,21 +678,37 @@ def _held_out_score(logits: torch.Tensor, y: torch.Tensor) -> float:
     return acc - 1e-6 * F.cross_entropy(logits.double(), y).item()
 
 
-def _classification(
-    x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor, cfg: ProbeConfig
-) -> tuple[float, float, float]:
-    """Returns (test accuracy, chance = majority-class frequency on test, chosen l2)."""
-    num_classes = int(max(int(y_tr.max()), int(y_te.max()))) + 1
+def _chance(y_test: torch.Tensor, num_classes: int) -> tuple[float, float]:
+    """(uniform chance ``1 / K``, majority-class share of the test labels)."""
+    majority = torch.bincount(y_test.long(), minlength=num_classes).max().item() / len(y_test)
+    return 1.0 / num_classes, majority
 
-    def score(fit_idx: torch.Tensor, val_idx: torch.Tensor, l2: float) -> float:
-        predict = fit_logistic(x_tr[fit_idx], y_tr[fit_idx], num_classes, l2, cfg.max_iter)
-        return _held_out_score(predict(x_tr[val_idx]), y_tr[val_idx])
 
-    l2 = _select_l2(cfg.l2_grid, len(y_tr), cfg, score)
-    predict = fit_logistic(x_tr, y_tr, num_classes, l2, cfg.max_iter)
-    acc = (predict(x_te).argmax(1) == y_te).double().mean().item()
-    chance = torch.bincount(y_te.long(), minlength=num_classes).max().item() / len(y_te)
-    return acc, chance, l2
+def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return (logits.argmax(1) == y.long()).double().mean().item()
+
+
+def _linear_or_knn(
+    kind: str, x_tr: torch.Tensor, y_tr: torch.Tensor, x_te: torch.Tensor, y_te: torch.Tensor,
+    num_classes: int, cfg: ProbeConfig,
+) -> tuple[float, float]:
+    """``kind`` ``'linear'`` or ``'knn'`` on pooled features: (test accuracy, chosen l2 or k)."""
+    if kind == "linear":
+        grid: tuple[float, ...] = cfg.l2_grid
+
+        def fit(x: torch.Tensor, y: torch.Tensor, value: float) -> Callable[[torch.Tensor], torch.Tensor]:
+            return fit_logistic(x, y, num_classes, value, cfg.max_iter)
+    else:
+        grid = tuple(float(k) for k in cfg.knn_k_grid)
+
+        def fit(x: torch.Tensor, y: torch.Tensor, value: float) -> Callable[[torch.Tensor], torch.Tensor]:
+            return fit_knn(x, y, num_classes, int(value), cfg.knn_temperature)
+
+    def score(fit_idx: torch.Tensor, val_idx: torch.Tensor, value: float) -> float:
+        return _held_out_score(fit(x_tr[fit_idx], y_tr[fit_idx], value)(x_tr[val_idx]), y_tr[val_idx])
+
+    chosen = _select_l2(grid, len(y_tr), cfg, score)
+    return _accuracy(fit(x_tr, y_tr, chosen)(x_te), y_te), chosen
 
 
 def _attentive_classification(
@@ -573,16 +716,16 @@ def _attentive_classification(
     ys_tr: dict[str, torch.Tensor],
     z_te: torch.Tensor,
     ys_te: dict[str, torch.Tensor],
+    classes: Mapping[str, int],
     cfg: ProbeConfig,
-) -> dict[str, tuple[float, float, float]]:
+) -> dict[str, tuple[float, float]]:
     """Attentive probes for every task in ``ys_tr`` (labels ``[n]``, trained together, independently).
 
-    Returns ``{task: (test accuracy, chance = majority-class frequency on test, chosen weight decay)}``.
-    With a weight-decay grid, one batched run on the fit part of the probe-train split trains a probe
-    per (task, value) and each task keeps the value with the best held-out score.
+    Returns ``{task: (test accuracy, chosen weight decay)}``. With a weight-decay grid, one batched run
+    on the fit part of the probe-train split trains a probe per (task, value) and each task keeps the
+    value with the best held-out score.
     """
     tasks = list(ys_tr)
-    classes = {t: int(max(int(ys_tr[t].max()), int(ys_te[t].max()))) + 1 for t in tasks}
     kw = dict(steps=cfg.steps, lr=cfg.lr, heads=cfg.attn_heads, dim=cfg.attn_dim, seed=cfg.seed)
     grid = cfg.weight_decay_grid
     n = len(z_tr)
@@ -609,13 +752,7 @@ def _attentive_classification(
         z_tr, torch.stack([ys_tr[t] for t in tasks]), [classes[t] for t in tasks], [chosen[t] for t in tasks], **kw
     )
     logits = predict(z_te)
-    out = {}
-    for p, t in enumerate(tasks):
-        y = ys_te[t].long()
-        acc = (logits[p, :, : classes[t]].argmax(1) == y).double().mean().item()
-        chance = torch.bincount(y, minlength=classes[t]).max().item() / len(y)
-        out[t] = (acc, chance, chosen[t])
-    return out
+    return {t: (_accuracy(logits[p, :, : classes[t]], ys_te[t]), chosen[t]) for p, t in enumerate(tasks)}
 
 
 def _dense(
@@ -640,32 +777,37 @@ def _dense(
     return rmse, r2, l2
 
 
-def run_probes(
-    encode: Encode,
-    train_set: Dataset,
-    test_set: Dataset,
-    grid: Sequence[int],
-    tubelet: Sequence[int],
-    config: ProbeConfig | None = None,
-    *,
-    progress: bool = False,
-) -> dict[str, float]:
-    """Encode probe-train/test videos with the frozen ``encode`` and fit the three probes.
+def _task_classes(tasks: Sequence[str], num_classes: Mapping[str, int] | None, parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, int]:
+    """``K`` per task from ``num_classes`` (the dataset's class counts), checked against the labels."""
+    out = {}
+    for task in tasks:
+        if num_classes is None or task not in num_classes:
+            raise ValueError(
+                f"the number of {task} classes is unknown: give num_classes={{'{task}': K}} or a dataset with a "
+                f"num_classes dict (chance 1/K needs the dataset's class count, not the labels seen)"
+            )
+        k = int(num_classes[task])
+        top = max(int(p[task].max()) for p in parts)
+        if k < 1 or top >= k or min(int(p[task].min()) for p in parts) < 0:
+            raise ValueError(f"{task} labels must lie in 0..{k - 1} (num_classes={k}), got labels up to {top}")
+        out[task] = k
+    return out
 
-    Returns test ``motion_acc`` / ``appearance_acc`` (in [0, 1]) with ``motion_chance`` /
-    ``appearance_chance`` (majority-class frequency on test), ``dense_rmse`` / ``dense_r2`` (per-token
-    depth, in the dataset's depth units), the regularisation each probe chose (``<task>_weight_decay``
-    for attentive classification probes, ``<task>_l2`` for linear ones and ``dense_l2``) and the
-    number of videos used (``train_videos`` / ``test_videos``). A task whose label is missing from the
-    items is skipped.
+
+def probe_features(
+    tr: dict[str, torch.Tensor],
+    te: dict[str, torch.Tensor],
+    grid: Sequence[int],
+    config: ProbeConfig | None = None,
+    num_classes: Mapping[str, int] | None = None,
+) -> dict[str, float]:
+    """Fit every probe on extracted probe-train features and score it on the test ones.
+
+    ``tr`` / ``te``: as returned by :func:`extract_features` (``features [n, N, D]``, labels ``[n]``,
+    ``depth_tokens [n, N]``). ``num_classes``: ``{task: K}``. See :func:`run_probes` for what is returned.
     """
     cfg = config or ProbeConfig()
     grid = tuple(int(x) for x in grid)
-    tubelet = tuple(int(x) for x in tubelet)
-    if len(grid) != 3 or len(tubelet) != 3:
-        raise ValueError(f"grid and tubelet must be (T, H, W) triples, got {grid} and {tubelet}")
-    tr = extract_features(encode, train_set, cfg.train_videos, cfg.batch_size, tubelet=tubelet, progress=progress)
-    te = extract_features(encode, test_set, cfg.test_videos, cfg.batch_size, tubelet=tubelet, progress=progress)
     num_tokens = math.prod(grid)
     for name, part in (("train", tr), ("test", te)):
         if part["features"].shape[1] != num_tokens:
@@ -674,41 +816,104 @@ def run_probes(
             )
     if tr["features"].shape[2] != te["features"].shape[2]:
         raise ValueError("train and test features differ in width D")
+    norm = fit_feature_norm(tr["features"], cfg.normalize, cfg.whiten_eps)
+    f_tr, f_te = norm(tr["features"]), norm(te["features"])
 
-    out: dict[str, float] = {"train_videos": float(len(tr["features"])), "test_videos": float(len(te["features"]))}
+    out: dict[str, float] = {"train_videos": float(len(f_tr)), "test_videos": float(len(f_te))}
     tasks = [t for t in CLASS_TASKS if t in tr and t in te]
-    if tasks and cfg.kind == "attentive":
+    classes = _task_classes(tasks, num_classes, (tr, te))
+    ys_tr = {t: tr[t].reshape(-1).long() for t in tasks}
+    ys_te = {t: te[t].reshape(-1).long() for t in tasks}
+    for t in tasks:
+        out[f"{t}_num_classes"] = float(classes[t])
+        out[f"{t}_chance_uniform"], out[f"{t}_chance_majority"] = _chance(ys_te[t], classes[t])
+    if tasks and ("linear" in cfg.kinds or "knn" in cfg.kinds):
+        x_tr, x_te = pool_features(f_tr, f_te, grid, cfg.pooling, cfg.pca_dim)
+        for kind, reg in (("linear", "l2"), ("knn", "k")):
+            if kind not in cfg.kinds:
+                continue
+            for t in tasks:
+                acc, chosen = _linear_or_knn(kind, x_tr, ys_tr[t], x_te, ys_te[t], classes[t], cfg)
+                out[f"{t}_{kind}_acc"] = acc
+                out[f"{t}_{kind}_{reg}"] = chosen
+    if tasks and "attentive" in cfg.kinds:
         results = _attentive_classification(
-            attentive_inputs(tr["features"], grid),
-            {t: tr[t].reshape(-1) for t in tasks},
-            attentive_inputs(te["features"], grid),
-            {t: te[t].reshape(-1) for t in tasks},
-            cfg,
+            attentive_inputs(f_tr, grid), ys_tr, attentive_inputs(f_te, grid), ys_te, classes, cfg
         )
-        for task, (acc, chance, wd) in results.items():
-            out[f"{task}_acc"] = acc
-            out[f"{task}_chance"] = chance
-            out[f"{task}_weight_decay"] = wd
-    elif tasks:
-        if cfg.pooling == "tokens_pca":
-            x_tr, x_te = pool_tokens_pca(tr["features"], te["features"], cfg.pca_dim)
-        else:
-            x_tr = pool_temporal_slots(tr["features"], grid)
-            x_te = pool_temporal_slots(te["features"], grid)
-        for task in tasks:
-            acc, chance, l2 = _classification(x_tr, tr[task].reshape(-1), x_te, te[task].reshape(-1), cfg)
-            out[f"{task}_acc"] = acc
-            out[f"{task}_chance"] = chance
-            out[f"{task}_l2"] = l2
+        for t, (acc, wd) in results.items():
+            out[f"{t}_attentive_acc"] = acc
+            out[f"{t}_attentive_weight_decay"] = wd
+    for t in tasks:
+        out[f"{t}_acc"] = out[f"{t}_{cfg.kind}_acc"]
     if "depth_tokens" in tr and "depth_tokens" in te:
         for name, part in (("train", tr), ("test", te)):
             if part["depth_tokens"].shape[1] != num_tokens:
                 raise ValueError(
-                    f"{name} depth pooled by tubelet {tubelet} gives {part['depth_tokens'].shape[1]} tokens, "
+                    f"{name} depth pooled by the tubelet gives {part['depth_tokens'].shape[1]} tokens, "
                     f"the grid {grid} has {num_tokens}"
                 )
-        rmse, r2, l2 = _dense(tr["features"], tr["depth_tokens"], te["features"], te["depth_tokens"], cfg)
+        rmse, r2, l2 = _dense(f_tr, tr["depth_tokens"], f_te, te["depth_tokens"], cfg)
         out["dense_rmse"] = rmse
         out["dense_r2"] = r2
         out["dense_l2"] = l2
     return out
+
+
+def run_probes(
+    encode: Encode,
+    train_set: Dataset,
+    test_set: Dataset,
+    grid: Sequence[int],
+    tubelet: Sequence[int],
+    config: ProbeConfig | None = None,
+    *,
+    num_classes: Mapping[str, int] | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Encode probe-train/test videos with the frozen ``encode`` and fit every probe.
+
+    ``num_classes``: ``{task: K}``; default ``train_set.num_classes`` (the dataset's class counts).
+    Returns, per classification task (``motion``, ``appearance``; a task whose label is missing from
+    the items is skipped): ``<task>_acc`` (the headline ``kind``), ``<task>_<kind>_acc`` for every kind
+    in ``kinds`` (test accuracy in [0, 1]), ``<task>_chance_uniform`` (``1 / K``),
+    ``<task>_chance_majority`` (majority-class share on test), ``<task>_num_classes`` and the chosen
+    regularisation (``<task>_linear_l2``, ``<task>_attentive_weight_decay``, ``<task>_knn_k``); then
+    ``dense_rmse`` / ``dense_r2`` (per-token depth, in the dataset's depth units) with ``dense_l2``,
+    and the number of videos used (``train_videos`` / ``test_videos``).
+    """
+    cfg = config or ProbeConfig()
+    grid = tuple(int(x) for x in grid)
+    tubelet = tuple(int(x) for x in tubelet)
+    if len(grid) != 3 or len(tubelet) != 3:
+        raise ValueError(f"grid and tubelet must be (T, H, W) triples, got {grid} and {tubelet}")
+    if num_classes is None:
+        num_classes = getattr(train_set, "num_classes", None)
+    tr = extract_features(encode, train_set, cfg.train_videos, cfg.batch_size, tubelet=tubelet, progress=progress)
+    te = extract_features(encode, test_set, cfg.test_videos, cfg.batch_size, tubelet=tubelet, progress=progress)
+    return probe_features(tr, te, grid, cfg, num_classes)
+
+
+def probe_report(probes: Mapping[str, Any], kind: str) -> str:
+    """The main job's probe lines: each task's headline probe beside the random-init encoder and chance,
+    then every probe kind (``trained / random init``).
+
+    ``probes``: :func:`run_probes`' keys plus a ``random_init`` dict of the same keys (what
+    ``Trainer.run_probes`` returns)."""
+    base = probes.get("random_init", {})
+    parts, kinds = [], []
+    for task in ("motion", "appearance"):
+        if f"{task}_acc" not in probes:
+            continue
+        parts.append(f"{task} {probes[f'{task}_acc']:.3f} (random init {base.get(f'{task}_acc', float('nan')):.3f}, "
+                     f"uniform chance {probes[f'{task}_chance_uniform']:.3f}, "
+                     f"majority {probes[f'{task}_chance_majority']:.3f})")
+        kinds.append(f"{task} " + ", ".join(
+            f"{k} {probes[key]:.3f} / {base.get(key, float('nan')):.3f}"
+            for k in ("linear", "attentive", "knn") if (key := f"{task}_{k}_acc") in probes))
+    if "dense_r2" in probes:
+        parts.append(f"depth R2 {probes['dense_r2']:.3f} (random init {base.get('dense_r2', float('nan')):.3f}; "
+                     f"RMSE {probes['dense_rmse']:.3f} vs {base.get('dense_rmse', float('nan')):.3f})")
+    lines = [f"probes (frozen features, {kind} classifier): " + "; ".join(parts)]
+    if kinds:
+        lines.append("  every probe kind, trained / random init: " + "; ".join(kinds))
+    return "\n".join(lines)

@@ -128,6 +128,7 @@ class Trainer:
         ll_config = cfg.layerlock()
         max_frozen = cfg.schedule.resolve_max_frozen(cfg.model.depth - cfg.model.decoder_depth)
         latent_layers = range(1, max_frozen + 1) if ll_config.target.kind == "latent" else ()
+        self.latent_layers = tuple(latent_layers)
         self.model = VideoMAE(cfg.model, latent_target_layers=latent_layers).to(self.device)
         if cfg.train.activation_checkpointing:
             self.model.set_grad_checkpointing(True)
@@ -449,25 +450,42 @@ class Trainer:
         return self.checkpointer.save()
 
     # -- evaluation and plots -----------------------------------------------------------------------------
-    def run_probes(self) -> dict[str, float]:
+    def random_init_encoder(self) -> VideoMAE:
+        """The run's model with the weights it had before training: built right after
+        ``torch.manual_seed(config.seed)`` with the same latent readouts, as ``__init__`` builds it
+        (constructing a readout draws from the RNG, so they shift every later initial weight)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return VideoMAE(self.config.model, latent_target_layers=self.latent_layers).to(self.device)
+
+    def run_probes(self) -> dict[str, Any]:
+        """Probe the trained encoder and, with the same probes, the random-init one (same architecture,
+        the run's seed, before training): ``{<trained probe keys>..., "random_init": {<keys>...}}``, also
+        written to ``probes.json``. A probe reading is only evidence next to that baseline."""
         from .probes import run_probes
 
         cfg = self.config
-        self.echo("[probes] encoding probe videos and fitting probes ...")
+        self.echo("[probes] encoding probe videos; linear, attentive and k-NN probes on the trained and the "
+                  "random-init encoder ...")
         # A sharded or wrapped model cannot run on rank 0 alone: probe the exported encoder.
         model = dcp.load_encoder(self.out / "encoder.pt").to(self.device) if self.uses_dcp else self.model
-        was_training = model.training
-        model.eval()
+        train_set, test_set = DigitsVideoDataset(cfg.data, "train"), DigitsVideoDataset(cfg.data, "test")
 
-        def encode(video: torch.Tensor) -> torch.Tensor:
-            with torch.no_grad():
-                return model.encode(video.to(self.device))
+        def probe(encoder: VideoMAE) -> dict[str, float]:
+            was_training = encoder.training
+            encoder.eval()
 
-        try:
-            results = run_probes(encode, DigitsVideoDataset(cfg.data, "train"), DigitsVideoDataset(cfg.data, "test"),
-                                 model.grid, cfg.model.tubelet, cfg.probe)
-        finally:
-            model.train(was_training)
+            def encode(video: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return encoder.encode(video.to(self.device))
+
+            try:
+                return run_probes(encode, train_set, test_set, encoder.grid, cfg.model.tubelet, cfg.probe)
+            finally:
+                encoder.train(was_training)
+
+        results: dict[str, Any] = probe(model)
+        results["random_init"] = probe(self.random_init_encoder())
         with open(self.out / "probes.json", "w") as f:
             json.dump(results, f, indent=2)
         return results

@@ -1,0 +1,199 @@
+"""Calibration ladder of the frozen-feature probes: features of known quality, probed like an encoder.
+
+A probe is only evidence once it ranks features whose quality is known. Every rung goes through the
+trainer's own probes (``layerlock_plugin.reference.probes.run_probes`` with the config's probe section:
+linear, attentive and k-NN classifiers, ridge depth) on the config's data:
+
+* ``raw pixels``: each tubelet's pixels as its token;
+* ``motion features``: hand-made Lucas-Kanade statistics per tubelet (built for the motion task);
+* ``random init (seed s)``: the config's architecture as the trainer initialises it at seed ``s``;
+* ``supervised <task>``: that architecture trained on the task's labels for the config's budget
+  (``train.steps`` x ``train.batch_size``, its optimizer), initialised as the seed-0 random init;
+* ``--runs DIR ...``: trained run folders (their ``checkpoint.pt``), e.g. MAE runs, printed beside
+  random init and raw pixels.
+
+Checks (the ladder the probe must order; a failed check is reported, and the exit status is 1):
+the motion features read motion far above chance (headline accuracy >= majority share + 0.5); each
+supervised encoder beats every random-init seed on the task it was trained for.
+
+    python benchmarks/calibration.py --quick                      # seconds: CI smoke
+    python benchmarks/calibration.py                              # the packaged config, 3 random-init seeds
+    python benchmarks/calibration.py --runs runs/bench/mae_setting/std-s0 --tag mae
+
+Writes ``benchmarks/results/calibration[-TAG].json`` (every rung's probes, the checks, provenance), ``.md``
+(the table) and ``.png`` (headline probe per task and rung, chance marked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import add_run_args, figure, provenance, save_figure, start_run, write_json  # noqa: E402
+
+from layerlock_plugin.checkpoint import load_checkpoint  # noqa: E402
+from layerlock_plugin.reference.calibration import motion_tokens, pixel_tokens, train_supervised  # noqa: E402
+from layerlock_plugin.reference.config import RunConfig, build_config, load_config  # noqa: E402
+from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
+from layerlock_plugin.reference.model import VideoMAE  # noqa: E402
+from layerlock_plugin.reference.probes import run_probes  # noqa: E402
+
+TASKS = ("motion", "appearance")
+KINDS = ("linear", "attentive", "knn")
+QUICK_SETS = ["data.num_videos=48", "train.batch_size=8", "train.steps=4", "optim.warmup_steps=1",
+              "probe.train_videos=32", "probe.test_videos=32", "probe.steps=10", "probe.weight_decay=1.0",
+              "probe.l2=0.01", "probe.knn_k=5", "probe.max_iter=10"]
+
+
+def random_init(config: RunConfig, seed: int) -> VideoMAE:
+    """The architecture as the trainer draws it at ``seed`` (MAE readouts only)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VideoMAE(config.model).eval()
+
+
+def encoder_of_run(folder: Path) -> tuple[VideoMAE, dict[str, Any]]:
+    """The trained model of a one-process run folder (``checkpoint.pt``) and its raw config."""
+    ckpt = load_checkpoint(folder / "checkpoint.pt")
+    config = build_config(ckpt["config"])
+    layers = [int(k.split("_")[1]) for k in ckpt["model"] if k.startswith("readouts.layer_") and k.endswith(".weight")]
+    model = VideoMAE(config.model, latent_target_layers=sorted(set(layers)))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt["config"]
+
+
+def ladder(config: RunConfig, seeds: list[int], runs: list[Path], log=print) -> list[dict[str, Any]]:
+    """Probe every rung; returns one row per rung (``name``, ``kind`` of rung, ``probes``, seconds)."""
+    train = DigitsVideoDataset(config.data, "train", cache=True)
+    test = DigitsVideoDataset(config.data, "test")
+    grid, tubelet = config.model.grid, config.model.tubelet
+    rows: list[dict[str, Any]] = []
+
+    def probe(name: str, rung: str, encode, **extra: Any) -> None:
+        started = time.perf_counter()
+        res = run_probes(encode, train, test, grid, tubelet, config.probe)  # encodes under no_grad
+        rows.append({"name": name, "rung": rung, "probes": res, "probe_s": round(time.perf_counter() - started, 1),
+                     **extra})
+        log(f"  {name:>26}: " + ", ".join(f"{t} {res[f'{t}_acc']:.3f}" for t in TASKS)
+            + f", depth R² {res['dense_r2']:.3f}  ({rows[-1]['probe_s']:.0f} s)")
+
+    probe("raw pixels", "pixels", pixel_tokens(tubelet))
+    probe("motion features", "motion_features", motion_tokens(tubelet))
+    for s in seeds:
+        probe(f"random init (seed {s})", "random_init", random_init(config, s).encode, seed=s)
+    for task in TASKS:
+        started = time.perf_counter()
+        losses: list[float] = []
+        enc = train_supervised(config.model, train, task, steps=config.train.steps,
+                               batch_size=config.train.batch_size, optim=config.optim, seed=seeds[0],
+                               log=lambda step, loss: losses.append(loss))
+        tail = losses[-max(1, len(losses) // 10):]
+        probe(f"supervised {task}", f"supervised_{task}", enc.encode, task=task, seed=seeds[0],
+              train_s=round(time.perf_counter() - started, 1), final_train_loss=sum(tail) / len(tail))
+    for folder in runs:
+        model, raw = encoder_of_run(folder)
+        probe(f"{raw.get('method', 'run')} {folder.name}", "run", model.encode, folder=str(folder),
+              method=raw.get("method"))
+    return rows
+
+
+def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The orderings the probes must reproduce (headline probe)."""
+    by = {r["rung"]: r["probes"] for r in rows if r["rung"] != "random_init"}
+    rand = [r["probes"] for r in rows if r["rung"] == "random_init"]
+    out = []
+    mf = by["motion_features"]
+    out.append({"check": "motion features read motion far above chance (>= majority + 0.5)",
+                "value": mf["motion_acc"], "threshold": mf["motion_chance_majority"] + 0.5,
+                "passed": mf["motion_acc"] >= mf["motion_chance_majority"] + 0.5})
+    for task in TASKS:
+        sup = by[f"supervised_{task}"][f"{task}_acc"]
+        best = max(p[f"{task}_acc"] for p in rand)
+        out.append({"check": f"supervised {task} beats every random-init seed on {task}", "value": sup,
+                    "threshold": best, "passed": sup > best})
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], checks_: list[dict[str, Any]], meta: dict[str, Any], config: RunConfig) -> str:
+    heads = [f"{t} {k}" for t in TASKS for k in KINDS] + ["depth R²"]
+    lines = [f"| rung | {' | '.join(heads)} |", "|---" * (len(heads) + 1) + "|"]
+    for r in rows:
+        p = r["probes"]
+        cells = [f"{p[f'{t}_{k}_acc']:.3f}" for t in TASKS for k in KINDS] + [f"{p['dense_r2']:.3f}"]
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    p0 = rows[0]["probes"]
+    lines += ["", "Chance: " + ", ".join(f"{t} uniform {p0[f'{t}_chance_uniform']:.3f}, majority "
+                                       f"{p0[f'{t}_chance_majority']:.3f}" for t in TASKS)
+              + f". Headline probe: {config.probe.kind}; features standardised with probe-train statistics "
+              f"({config.probe.normalize}).", ""]
+    sup = [r for r in rows if r["rung"].startswith("supervised")]
+    if sup:
+        lines.append("Supervised budget: " + ", ".join(
+            f"{r['task']} {config.train.steps} steps x {config.train.batch_size} clips, final train loss "
+            f"{r['final_train_loss']:.3f}, {r['train_s']:.0f} s" for r in sup) + ".")
+        lines.append("")
+    lines += ["| check | value | threshold | passed |", "|---|---|---|---|"]
+    lines += [f"| {c['check']} | {c['value']:.3f} | {c['threshold']:.3f} | {'yes' if c['passed'] else '**no**'} |"
+              for c in checks_]
+    lines += ["", f"{meta['machine']}, torch {meta['torch']}, {meta['layerlock_plugin']}, {meta['date_utc']}.",
+              f"Command: `{meta['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+    fig = figure(12, 4.5)
+    axes = fig.subplots(1, 3)
+    names = [r["name"] for r in rows]
+    for ax, (key, title, chance) in zip(axes, [("motion_acc", "motion (headline probe)", "motion"),
+                                                ("appearance_acc", "appearance (headline probe)", "appearance"),
+                                                ("dense_r2", "depth R² (ridge per token)", None)]):
+        vals = [r["probes"][key] for r in rows]
+        ax.barh(range(len(rows)), vals, color=[f"C{i % 10}" for i in range(len(rows))])
+        ax.set_yticks(range(len(rows)), names if ax is axes[0] else [""] * len(rows), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(title, fontsize=10)
+        if chance:
+            p = rows[0]["probes"]
+            ax.axvline(p[f"{chance}_chance_uniform"], color="k", ls="--", lw=1, label="1/K")
+            ax.axvline(p[f"{chance}_chance_majority"], color="gray", ls=":", lw=1, label="majority")
+            ax.legend(fontsize=7)
+    fig.suptitle("Probe calibration ladder")
+    return save_figure(fig, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny data, a few supervised steps: a smoke run")
+    p.add_argument("--config", default=None, help="trainer config (default: the packaged tiny one)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="random-init seeds")
+    p.add_argument("--runs", nargs="*", default=[], help="trained run folders to probe beside the ladder")
+    add_run_args(p)
+    args = p.parse_args(argv)
+    suffix = start_run(args)
+    config = load_config(args.config, (QUICK_SETS if args.quick else []) + args.sets)
+    seeds = args.seeds[:1] if args.quick else args.seeds
+    meta = provenance()
+    print(f"calibration: {config.train.steps} supervised steps x {config.train.batch_size}, random-init seeds {seeds}",
+          flush=True)
+    rows = ladder(config, seeds, [Path(r) for r in args.runs])
+    checks_ = checks(rows)
+    results = Path(args.results_dir)
+    write_json(results / f"calibration{suffix}.json", {"study": "calibration", "provenance": meta,
+                                                        "config": config.to_dict(), "rows": rows, "checks": checks_})
+    md = markdown(rows, checks_, meta, config)
+    (results / f"calibration{suffix}.md").write_text(md)
+    plot(rows, results / f"calibration{suffix}.png")
+    print(md)
+    return 0 if all(c["passed"] for c in checks_) or args.quick else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
