@@ -71,7 +71,7 @@ def test_cli_main_job_writes_run_folder(tmp_path, capsys):
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "step 6: froze stem, block_1 (1 blocks frozen); target -> layer_1" in printed
-    assert "probes (frozen features)" in printed
+    assert "probes (frozen features, " in printed and "(random init " in printed
     for name in ("config.yaml", "metrics.jsonl", "events.jsonl", "checkpoint.pt", "probes.json", "summary.json",
                  "plots/loss.png", "plots/schedule.png", "plots/collapse.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
