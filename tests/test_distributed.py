@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
 from layerlock_plugin.errors import CheckpointError, ConfigError
 from layerlock_plugin.reference.config import load_config
 
@@ -91,6 +93,10 @@ def _worker(root: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     report: dict = {"world_size": dist.get_world_size()}
+    from gpu_check import _record_collectives  # benchmarks/: the device check records the same way
+
+    devices: list[str] = []
+    _record_collectives(devices)
     for strategy, extra in (("ddp", []), ("fsdp", []), ("ddp_accum", ACCUM), ("fsdp_accum", ACCUM),
                             ("fsdp_sparse", SPARSE)):
         name = strategy
@@ -147,6 +153,8 @@ def _worker(root: Path) -> None:
     except ConfigError as e:
         errors["none_under_torchrun"] = str(e)
     report["errors"] = errors
+    report["collective_devices"] = sorted(set(devices))
+    report["collectives"] = len(devices)
     if rank == 0:
         (root / "report.json").write_text(json.dumps(report))
     dist.barrier()
@@ -238,6 +246,15 @@ def test_consolidated_encoder_export(runs, name):
     params = dict(model.named_parameters())
     for n in encoder:
         assert float(params[n].detach().double().sum()) == sums[n], n
+
+
+@pytest.mark.timeout(480)
+def test_every_collective_runs_on_the_training_device(runs):
+    """Each tensor the 2-process runs handed to torch.distributed (the step's all-reduce, the adaptive
+    and guard reductions, DCP, logging) was on the device the trainer runs on: the CPU here. On a GPU the
+    same recorder runs in benchmarks/gpu_check.py, where a CPU tensor would be the bug."""
+    _, report = runs
+    assert report["collectives"] > 100 and report["collective_devices"] == ["cpu"]
 
 
 @pytest.mark.timeout(480)

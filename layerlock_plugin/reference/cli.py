@@ -172,20 +172,25 @@ class _PackageWarnings:
     def __init__(self) -> None:
         self.package = str(Path(__file__).resolve().parents[1])
         self.held: list[str] | None = []
+        self.quiet = False  # ranks other than 0 say nothing
 
     def show(self, message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 (warnings' signature)
         if not str(Path(filename).resolve()).startswith(self.package):
             return self.default(message, category, filename, lineno, file, line)
         text = f"{PROG}: warning: {message}"
+        if self.quiet:
+            return None
         if self.held is not None:
             self.held.append(text)
         else:
             print(text, file=sys.stderr)
 
-    def release(self) -> None:
-        for text in self.held or []:
+    def release(self, show: bool = True) -> None:
+        """Print what was held back (``show=False``: drop it, e.g. on ranks other than 0) and print later
+        warnings at once (or never, without ``show``)."""
+        for text in (self.held or []) if show else []:
             print(text, file=sys.stderr)
-        self.held = None
+        self.held, self.quiet = None, not show
 
     @contextmanager
     def installed(self) -> Iterator[_PackageWarnings]:
@@ -240,7 +245,7 @@ def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
         trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, extend=args.extend is not None,
                           stop=stop)
         trainer.check_stop_after(args.stop_after)
-        package_warnings.release()  # the run is valid: what it warns about is worth saying
+        package_warnings.release(show=trainer.env.is_main)  # the run is valid: worth saying, once
         env = trainer.env
         trainer.echo(f"{PROG}: method={config.method} model="
                      f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
