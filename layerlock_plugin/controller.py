@@ -291,8 +291,9 @@ class LayerLock:
     def guard_measure(self, loss: torch.Tensor,
                       targets: dict[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor] | None = None
                       ) -> torch.Tensor | None:
-        """The collapse guard's measures of this step as a small vector on ``loss``'s device, without a
-        host sync or a collective (None when the guard is off). A host that all-reduces its own step
+        """The collapse guard's measures of this step as a ``[5]`` vector (see
+        :data:`~layerlock_plugin.collapse.MEASURES`) on ``loss``'s device, from the scalar ``loss`` and the
+        latent target ``[..., D]``, without a host sync or a collective (None when the guard is off). A host that all-reduces its own step
         scalars can append it, average over ranks and pass the host values to :meth:`end_step` as
         ``measured``: one collective and one host transfer per step for everything."""
         return self.guard.measure(self.plan.step, loss, self._latent(targets))
@@ -300,8 +301,8 @@ class LayerLock:
     def end_step(self, loss: torch.Tensor | None = None,
                  targets: dict[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor] | None = None, *,
                  measured: Sequence[float] | None = None) -> GuardDecision:
-        """Run the collapse guard on this step's scalar ``loss`` and latent target (see :meth:`_latent` for
-        ``targets``); the decision is kept as :attr:`last_decision` (see
+        """Run the collapse guard on this step's scalar ``loss`` and latent target (``{head: [B, Q, D]}`` or
+        host-computed ``[..., D]`` tensors, see :meth:`_latent`); the decision is kept as :attr:`last_decision` (see
         :func:`~layerlock_plugin.integration.skip_update`). With ``measured`` (the host values of
         :meth:`guard_measure`, averaged over ranks) the guard only decides: no collective, no sync."""
         if measured is not None:
