@@ -164,11 +164,8 @@ class Trainer:
         self._last_ckpt_time = time.monotonic()
         self.applied_lr = 0.0  # the LR of the last optimizer step, switch-warmup factor included
         self._folder_ready = False
-        self.resumed_step: int | None = None
         if checkpoint is not None:
-            saved_steps = self.checkpointer.resume(checkpoint)
-            self.resumed_step = self.step
-            self._check_budget(saved_steps, extend)
+            self._check_budget(self.checkpointer.resume(checkpoint), extend)
 
     @property
     def uses_dcp(self) -> bool:
