@@ -149,8 +149,12 @@ def test_calibration_quick(tmp_path):
     for r in res["rows"]:
         for key in ("motion_linear_acc", "motion_attentive_acc", "motion_knn_acc", "appearance_acc", "dense_r2"):
             assert math.isfinite(r["probes"][key]), (r["name"], key)
-    assert [c["check"].split()[0] for c in res["checks"]] == ["motion", "supervised", "supervised"]
+    assert [c["check"].split()[0] for c in res["checks"]] == ["motion"] + ["supervised"] * 4
     assert all(isinstance(c["passed"], bool) for c in res["checks"])
+    for r in res["rows"][3:]:  # the supervised rungs: every learning rate tried, the best held-out one kept
+        grid = r["lr_grid"]
+        assert [g["lr"] for g in grid] == list(cal.SUPERVISED_LRS) and all(g["task"] == r["task"] for g in grid)
+        assert r["lr"] == max(grid, key=lambda g: g["val_acc"])["lr"] and "state" not in grid[0]
 
 
 @pytest.mark.timeout(240)
