@@ -92,6 +92,31 @@ def run_jobs(run_one, jobs: list[dict[str, Any]], parallel: int = 1) -> list[Any
         return pool.map(run_one, jobs, chunksize=1)
 
 
+def count_plan_flops(trainer) -> dict[str, int]:
+    """Wrap ``trainer.train_step`` so that the first step of every distinct plan (number of frozen blocks)
+    runs under ``torch.utils.flop_counter.FlopCounterMode``; returns the ``{num_frozen: FLOPs}`` dict it
+    fills during the run (see :func:`run_flops`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    plain, flops_by_plan = trainer.train_step, {}
+
+    def step(video):
+        if str(trainer.layerlock.plan_at(trainer.step).num_frozen) in flops_by_plan:
+            return plain(video)
+        with FlopCounterMode(display=False) as counter:
+            out = plain(video)
+        flops_by_plan[str(trainer.layerlock.plan.num_frozen)] = counter.get_total_flops()
+        return out
+
+    trainer.train_step = step
+    return flops_by_plan
+
+
+def run_flops(trainer, steps: int, flops_by_plan: dict[str, int]) -> int:
+    """Training FLOPs of a finished run: each step's plan's measured FLOPs, summed over ``steps``."""
+    return sum(flops_by_plan[str(trainer.layerlock.plan_at(s).num_frozen)] for s in range(steps))
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -148,6 +173,23 @@ def aggregate_seeds(rows: list[dict[str, Any]], names: list[str], name_key: str,
     return table
 
 
+#: two-sided 95% critical values of Student's t by degrees of freedom (n seeds - 1)
+T_CRIT_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_difference(values: list[float], reference: list[float]) -> dict[str, Any]:
+    """Per-seed differences ``values[i] - reference[i]`` (same seed, same data order and masks): their
+    mean ± sample std, the paired t statistic and the verdict at 95% (two-sided; ``"higher"``,
+    ``"lower"`` or ``"no resolved difference"``; fewer than 3 seeds never resolve)."""
+    d = [a - b for a, b in zip(values, reference)]
+    m, s = mean_std(d)
+    n = len(d)
+    t = m / (s / n ** 0.5) if s > 0 else (float("inf") if m > 0 else float("-inf") if m < 0 else 0.0)
+    resolved = n >= 3 and abs(t) >= T_CRIT_95.get(n - 1, 1.96)
+    return {"per_seed": d, "mean": m, "std": s, "t": t,
+            "verdict": ("higher" if m > 0 else "lower") if resolved else "no resolved difference"}
+
+
 def seeds_markdown(table: dict[str, dict[str, Any]], columns: list[tuple[str, str]], steps: int,
                    meta: dict[str, Any], label=lambda name: name, note: str = "") -> str:
     """The mean ± std table of :func:`aggregate_seeds` (``columns``: ``(key, header)``), with chance
@@ -155,7 +197,7 @@ def seeds_markdown(table: dict[str, dict[str, Any]], columns: list[tuple[str, st
     heads = [h for _, h in columns]
     lines = [f"| method ({steps} steps, seeds) | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for name, e in table.items():
-        cells = [f"{e[k][0]:.3f} ± {e[k][1]:.3f}" for k, _ in columns]
+        cells = [f"{e[k][0]:.3f} ± {e[k][1]:.3f}" if k in e else "–" for k, _ in columns]
         lines.append(f"| {label(name)} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells) + " |")
     any_e = next(iter(table.values()), {})
     lines.append("")

@@ -90,12 +90,17 @@ def test_reproduction_quick(tmp_path):
     assert rep.main(args) == 0
     res = _outputs(tmp_path, "reproduction-quick")
     assert (tmp_path / "collapse-quick.png").stat().st_size > 0
-    assert list(res["table"]) == rep.PAPER_METHODS
+    assert list(res["table"]) == rep.PAPER_METHODS + ["random init"]
     for method, entry in res["table"].items():
         for key, _, _ in rep.METRICS:
             assert all(math.isfinite(x) for x in entry[key]), (method, key)
     naive = next(r for r in res["runs"] if r["variant"] == "latent-naive")
     assert any("layerlock/feature_std" in p for p in naive["collapse_over_time"])
+    # every variant against MAE, seed by seed; frozen blocks skip their backward: fewer training FLOPs
+    assert res["reference"] == "mae" and list(res["differences"]) == rep.PAPER_METHODS[1:]
+    freeze = res["differences"]["freeze-only"]
+    assert freeze["motion_acc"]["verdict"] == "no resolved difference"  # one seed never resolves
+    assert 0 < freeze["train_flops_ratio"] < 1 and all(r["train_flops"] > 0 for r in res["runs"])
     # a second call reads the finished runs back instead of training again
     assert rep.main(args + ["--collect-only"]) == 0
 
@@ -169,6 +174,17 @@ def test_mae_setting_quick(tmp_path):
     entry = res["table"]["packaged"]
     assert entry["seeds"] == [0] and entry["tasks_passed"] == 0  # one seed can never pass
     assert ms.main(args) == 0  # the finished run is read back
+
+
+def test_paired_difference_verdicts():
+    common = _load("_common")
+    d = common.paired_difference([0.50, 0.52, 0.51], [0.40, 0.41, 0.42])
+    assert d["per_seed"] == pytest.approx([0.10, 0.11, 0.09]) and d["verdict"] == "higher"
+    assert d["t"] == pytest.approx(0.10 / (0.01 / 3 ** 0.5))
+    assert common.paired_difference([0.40, 0.41], [0.50, 0.52])["verdict"] == "no resolved difference"  # 2 seeds
+    noisy = common.paired_difference([0.50, 0.30, 0.45], [0.40, 0.41, 0.42])  # mean +0.007, spread 0.11
+    assert noisy["verdict"] == "no resolved difference"
+    assert common.paired_difference([0.1, 0.2, 0.3], [0.3, 0.4, 0.5])["verdict"] == "lower"  # constant -0.2
 
 
 def test_mae_setting_criterion():
