@@ -75,6 +75,16 @@ def config_from_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt["config"]
 
 
+def checkpoint_progress(run_dir: Path) -> tuple[int, dict[str, Any]]:
+    """``(step, config)`` of a run folder's newest complete checkpoint."""
+    if (run_dir / dcp.DCP_DIR).is_dir():
+        state = dcp.read_trainer_state(dcp.resolve(run_dir))
+    else:
+        state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+        require_keys(state, ["step", "config"], run_dir / CHECKPOINT_FILE)
+    return int(state["step"]), state["config"]
+
+
 class Checkpointer:
     """Saves and restores a trainer's state: model, optimizer, LR scheduler, LayerLock, mask generator, RNG."""
 

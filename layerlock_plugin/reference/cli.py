@@ -19,7 +19,9 @@ from pathlib import Path
 
 from ..errors import ConfigError, LayerLockError
 from .config import apply_overrides, build_config, dump_config, load_yaml
-from .run_folder import default_run_dir, resume_source
+from .checkpointing import check_same_config, checkpoint_progress
+from .run_folder import RunFolder, default_run_dir, resume_source
+from .stop import StopRequest
 
 PROG = "layerlock-train"
 EPILOG = """examples:
@@ -55,7 +57,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="override a config field, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
                    help="continue a run from its checkpoint, in its own folder (its config is used unless "
-                        "--config is given); with --out NEW, continue a copy in NEW and leave the run untouched")
+                        "--config is given); with --out NEW, continue a copy in NEW and leave the run untouched. "
+                        "'auto' (with --out DIR; for requeued cluster jobs): continue DIR's newest complete "
+                        "checkpoint if it has one, else start DIR fresh; the command line's config must match")
     p.add_argument("--stop-after", type=int, metavar="N",
                    help="stop after step N with a checkpoint, keeping the LR / freeze schedule of train.steps")
     p.add_argument("--extend", type=int, metavar="N",
@@ -89,8 +93,37 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise ConfigError("--stop-after", f"must be a positive step number, got {args.stop_after}")
 
 
+def _named_out_dir(args: argparse.Namespace) -> str | None:
+    named = [o.split("=", 1)[1].strip() for o in args.overrides if o.split("=", 1)[0].strip() == "out_dir" and "=" in o]
+    return args.out if args.out is not None else (named[-1] if named else None)
+
+
 def _names_out_dir(args: argparse.Namespace) -> bool:
-    return args.out is not None or any(o.split("=", 1)[0].strip() == "out_dir" for o in args.overrides)
+    return _named_out_dir(args) is not None
+
+
+def resolve_auto_resume(args: argparse.Namespace, echo=print) -> str | None:
+    """``--resume auto``: resume ``--out DIR`` from its newest complete checkpoint, or start it fresh when it
+    has none (a run stopped before its first checkpoint is replaced; files that are not a run's are still
+    refused). The config is the command line's (a requeued job repeats its command), checked against the
+    checkpoint's. Rewrites ``args`` accordingly; returns ``"resume"``, ``"fresh"`` or None (not auto)."""
+    if args.resume != "auto":
+        return None
+    out = _named_out_dir(args)
+    if out is None:
+        raise ConfigError("--resume", "auto needs the run folder it continues: add --out DIR")
+    folder = RunFolder(Path(out))
+    if folder.has_checkpoint():
+        args.resume, args.config = out, args.config or "tiny"
+        return "resume"
+    args.resume = None
+    if folder.holds_run():
+        args.overwrite = True
+        echo(f"{PROG}: --resume auto: {out} holds no complete checkpoint (the run stopped before its first one); "
+             "starting it again from step 0")
+    else:
+        echo(f"{PROG}: --resume auto: no checkpoint in {out}; starting a new run there")
+    return "fresh"
 
 
 def resolve_config(args: argparse.Namespace):
@@ -178,8 +211,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
+    auto = resolve_auto_resume(args)
     _check_flags(args)
     config = resolve_config(args)
+    if auto == "resume":
+        step, saved = checkpoint_progress(Path(config.out_dir))
+        check_same_config(saved, config.to_dict(), Path(config.out_dir))  # also for a finished run
+        if step >= config.train.steps and saved["train"]["steps"] == config.train.steps:
+            print(f"{PROG}: --resume auto: {config.out_dir} finished at step {step}; nothing to do")
+            return 0
     if args.print_config:
         dump_config(config, "/dev/stdout")
         return 0
@@ -194,8 +234,11 @@ def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
 
     started = time.perf_counter()
     trainer = None
+    stop = StopRequest()
     try:
-        trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, extend=args.extend is not None)
+        stop.__enter__()  # from here a SIGTERM / SIGUSR1 / Ctrl-C stops at the first step boundary
+        trainer = Trainer(config, resume=args.resume, overwrite=args.overwrite, extend=args.extend is not None,
+                          stop=stop)
         trainer.check_stop_after(args.stop_after)
         package_warnings.release()  # the run is valid: what it warns about is worth saying
         env = trainer.env
@@ -209,6 +252,7 @@ def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
                          "add --probe to run them at the end")
         summary = trainer.fit(stop_after=args.stop_after)
     finally:
+        stop.__exit__()
         if trainer is not None:
             teardown(trainer.env)
     code = trainer.stop.exit_code if summary.get("interrupted") else 0

@@ -76,6 +76,10 @@ class RunFolder:
     def entries(self) -> list[str]:
         return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
 
+    def has_checkpoint(self) -> bool:
+        """A complete checkpoint to resume: ``checkpoint.pt`` or a ``dcp/latest`` pointer."""
+        return (self.path / CHECKPOINT_FILE).is_file() or (self.path / DCP_DIR / "latest").is_file()
+
     def holds_run(self) -> bool:
         return any(_is_run_entry(n) for n in self.entries())
 

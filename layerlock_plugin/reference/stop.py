@@ -33,18 +33,25 @@ class StopRequest:
         self.requested = False
         self.signal_name = ""
         self._previous: dict[int, Any] = {}
+        self._depth = 0
 
     @property
     def exit_code(self) -> int:
         return INTERRUPTED_EXIT_CODE if self.signal_name in ("", "SIGINT") else PREEMPTED_EXIT_CODE
 
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
+        """Install the handlers (re-entrant: the CLI enters before it builds the trainer, so a signal
+        during start-up also stops at the first step boundary; ``fit`` enters again)."""
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._depth -= 1
+        if self._depth:
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

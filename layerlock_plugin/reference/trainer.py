@@ -105,7 +105,7 @@ class Trainer:
     """
 
     def __init__(self, config: RunConfig, *, resume: str | Path | None = None, overwrite: bool = False,
-                 extend: bool = False, echo: Callable[[str], None] = print):
+                 extend: bool = False, echo: Callable[[str], None] = print, stop: StopRequest | None = None):
         cfg = self.config = config
         if cfg.out_dir is None:
             raise ConfigError("out_dir", "must name the run folder (the CLI picks runs/<method>-<time> when --out is omitted)")
@@ -159,7 +159,7 @@ class Trainer:
         self.throughput = Throughput(cfg.model, cfg.target.loss_fraction, self.env, cfg.train.peak_tflops,
                                      cfg.train.batch_size, cfg.target.context)
         self.checkpointer = Checkpointer(self)
-        self.stop, self.stop_agreed = StopRequest(), False
+        self.stop, self.stop_agreed = stop or StopRequest(), False  # signals: see :mod:`.stop`
         self.ckpt_due = False  # train.ckpt_every_minutes passed on some rank (agreed like a stop request)
         self._last_ckpt_time = time.monotonic()
         self.applied_lr = 0.0  # the LR of the last optimizer step, switch-warmup factor included

@@ -1,0 +1,256 @@
+"""Cluster-grade operation of the reference trainer: preemption signals, auto-resume, checkpoint cadence
+and retention, TensorBoard / W&B, progress lines in job logs, the applied LR in the logs.
+
+Signals go to real subprocesses (one process, and a 2-process gloo torchrun run), as SLURM sends them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_helpers import checksums, command, rows, run_cli, tiny_args
+
+pytestmark = pytest.mark.timeout(600)
+
+LONG = ["--set", "train.steps=120", "--set", "train.ckpt_every=10"]
+
+
+def _start(args, cwd, launcher=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = (launcher or command()) + [str(a) for a in args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for(predicate, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended first: {proc.communicate()}"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _step(run: Path) -> int:
+    try:
+        return int(torch.load(run / "checkpoint.pt", weights_only=True)["step"])
+    except (FileNotFoundError, RuntimeError, EOFError):
+        return -1
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=True)["model"]
+
+
+def _same_weights(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref")
+    assert run_cli(tiny_args("--out", "full", *LONG), root).returncode == 0
+    return root / "full"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_exits_for_requeue(tmp_path, reference, sig):
+    run = tmp_path / "run"
+    proc = _start(tiny_args("--out", "run", *LONG), tmp_path)
+    _wait_for(lambda: _step(run) >= 10, proc)
+    proc.send_signal(sig)
+    time.sleep(0.05)
+    proc.send_signal(sig)  # twice in a row: still one clean stop
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr
+    saved = _step(run)
+    assert f"stopped after step {saved} by {sig.name}; checkpoint written" in stdout and saved < 120
+    assert "Traceback" not in stderr
+    out = run_cli(["--resume", "auto", "--out", "run", *tiny_args(*LONG)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert rows(run / "metrics.jsonl") == rows(reference / "metrics.jsonl")
+    assert _same_weights(_weights(reference), _weights(run))
+
+
+def test_a_signal_at_start_up_stops_after_the_first_step(tmp_path):
+    proc = _start(tiny_args("--out", "run", *LONG), tmp_path)
+    _wait_for(lambda: proc.stdout is not None, proc)
+    first = proc.stdout.readline()  # printed once the trainer is built, before the first step
+    assert first.startswith("layerlock-train: method=")
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 75, stderr
+    assert 1 <= _step(tmp_path / "run") <= 3
+
+
+def test_a_signal_during_a_checkpoint_write_stops_after_the_next_step(tmp_path, monkeypatch):
+    from layerlock_plugin.reference import checkpointing
+    from layerlock_plugin.reference.config import load_config
+    from layerlock_plugin.reference.trainer import Trainer
+
+    sets = [s for s in tiny_args(*LONG)[1::2] if "=" in s]
+    trainer = Trainer(load_config(None, [f"out_dir={tmp_path / 'run'}", *sets, "probe.enabled=false"]), echo=lambda s: None)
+    real = checkpointing.save_atomic
+
+    def save_and_get_signalled(obj, path):
+        out = real(obj, path)
+        if obj["step"] == 10:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the checkpoint is being written
+        return out
+
+    monkeypatch.setattr(checkpointing, "save_atomic", save_and_get_signalled)
+    summary = trainer.fit()
+    assert summary["stopped_at"] == 11 and summary["interrupted"]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["step"] == 11
+
+
+def _torchrun(nproc=2):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "layerlock_plugin.reference.cli"]
+
+
+def test_two_process_run_stops_on_a_signal_at_one_step_and_resumes_bitwise(tmp_path):
+    ddp = [*tiny_args(*LONG), "--set", "train.strategy=ddp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    full = subprocess.run(_torchrun() + ddp + ["--out", "full"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=400)
+    assert full.returncode == 0, full.stderr[-3000:]
+    proc = _start(ddp + ["--out", "run"], tmp_path, launcher=_torchrun())
+    latest = tmp_path / "run" / "dcp" / "latest"
+    _wait_for(lambda: latest.is_file() and latest.read_text().strip() >= "step_00000010", proc)
+    time.sleep(0.2 + 0.5 * torch.rand(()).item())  # some step after the first checkpoint
+    os.killpg(proc.pid, signal.SIGTERM)  # SLURM signals every process of the job step
+    proc.communicate(timeout=200)
+    stopped = latest.read_text().strip()
+    assert stopped != "step_00000120", "the run finished before the signal"
+    resumed = subprocess.run(_torchrun() + ddp + ["--out", "run", "--resume", "auto"], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert rows(tmp_path / "run" / "metrics.jsonl") == rows(tmp_path / "full" / "metrics.jsonl")
+    a, b = (torch.load(tmp_path / name / "encoder.pt", weights_only=True)["encoder"] for name in ("full", "run"))
+    assert a.keys() == b.keys() and _same_weights(a, b)
+
+
+# -- auto-resume ------------------------------------------------------------------------------------------
+def test_resume_auto_starts_fresh_continues_and_says_so(tmp_path):
+    args = tiny_args("--set", "train.steps=24")
+    out = run_cli(["--resume", "auto", "--out", "run", "--stop-after", "12", *args], tmp_path)
+    assert out.returncode == 0 and "--resume auto: no checkpoint in run; starting a new run there" in out.stdout
+    out = run_cli(["--resume", "auto", "--out", "run", *args], tmp_path)
+    assert out.returncode == 0 and "resuming at step 12" in out.stdout, out.stderr
+    out = run_cli(["--resume", "auto", "--out", "run", *args], tmp_path)
+    assert out.returncode == 0 and "finished at step 24; nothing to do" in out.stdout
+    before = checksums(tmp_path / "run")
+    other = run_cli(["--resume", "auto", "--out", "run", *args, "--set", "schedule.interval=5"], tmp_path)
+    assert other.returncode == 2 and "differing fields: schedule.interval" in other.stderr
+    missing = run_cli(["--resume", "auto", *args], tmp_path)
+    assert missing.returncode == 2 and "--resume: auto needs the run folder it continues: add --out DIR" in missing.stderr
+    assert checksums(tmp_path / "run") == before
+
+
+def test_resume_auto_restarts_a_run_that_never_checkpointed(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    out = run_cli(["--resume", "auto", "--out", "run", *tiny_args("--set", "train.steps=4")], tmp_path)
+    assert out.returncode == 0 and "holds no complete checkpoint" in out.stdout
+    assert rows(tmp_path / "run" / "metrics.jsonl")[0]["step"] == 1 and len(rows(tmp_path / "run" / "metrics.jsonl")) == 4
+
+
+# -- checkpoint cadence and retention ----------------------------------------------------------------------
+def test_keep_last_keeps_the_newest_checkpoints(tmp_path):
+    out = run_cli(tiny_args("--out", "run", "--set", "train.steps=24", "--set", "train.ckpt_every=4",
+                            "--set", "train.keep_last=3"), tmp_path)
+    assert out.returncode == 0, out.stderr
+    kept = sorted(p.name for p in (tmp_path / "run").glob("checkpoint*.pt"))
+    assert kept == ["checkpoint.pt", "checkpoint.step_00000016.pt", "checkpoint.step_00000020.pt"]
+    assert torch.load(tmp_path / "run" / "checkpoint.step_00000016.pt", weights_only=True)["step"] == 16
+    refused = run_cli(tiny_args("--out", "x", "--set", "train.keep_last=0"), tmp_path)
+    assert refused.returncode == 2 and "train.keep_last: must be a positive integer" in refused.stderr
+
+
+def test_time_based_checkpoints(tmp_path, monkeypatch):
+    from layerlock_plugin.reference.config import load_config
+    from layerlock_plugin.reference.trainer import Trainer
+
+    sets = [s for s in tiny_args()[1::2] if "=" in s]
+    trainer = Trainer(load_config(None, [f"out_dir={tmp_path}", *sets, "train.steps=6", "train.ckpt_every=100",
+                                         "train.ckpt_every_minutes=0.00001", "probe.enabled=false"]), echo=lambda s: None)
+    saved = []
+    real = trainer.checkpointer.save
+    monkeypatch.setattr(trainer.checkpointer, "save", lambda: saved.append(trainer.step) or real())
+    trainer.fit()
+    assert saved == [1, 2, 3, 4, 5, 6]
+
+
+# -- where researchers look --------------------------------------------------------------------------------
+def test_tensorboard_scalars_and_plots_with_the_applied_lr(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = run_cli(tiny_args("--out", "run", "--set", "train.tensorboard=true"), tmp_path)
+    assert out.returncode == 0, out.stderr
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"loss", "lr", "grad_norm", "layerlock/num_frozen", "layerlock/warmup_factor",
+            "throughput/clips_per_s", "loss/layer_3"} <= set(tags["scalars"])
+    assert {"plots/loss", "plots/schedule", "plots/collapse"} <= set(tags["images"])
+    metrics = {r["step"]: r for r in rows(tmp_path / "run" / "metrics.jsonl")}
+    lr = {e.step: e.value for e in acc.Scalars("lr")}
+    assert lr[7] == pytest.approx(metrics[7]["lr"], rel=1e-6)
+    # step 7 is the step after the switch at step 6: the scheduler's LR times the warmup ramp
+    from layerlock_plugin.reference.optim import cosine_with_warmup
+
+    scheduled = 1.5e-3 * cosine_with_warmup(24, 3, 0.1)(6)
+    assert metrics[7]["lr"] == pytest.approx(scheduled * metrics[7]["layerlock/warmup_factor"], rel=1e-9)
+    assert metrics[7]["layerlock/warmup_factor"] < 1
+
+
+def test_wandb_offline_logs_into_the_run_folder_and_resumes_the_same_run(tmp_path):
+    pytest.importorskip("wandb")
+    args = tiny_args("--out", "run", "--set", "train.wandb.project=layerlock-test", "--set", "train.wandb.mode=offline",
+                     "--set", "train.steps=8")
+    env = {"WANDB_SILENT": "true"}
+    os.environ.update(env)
+    out = run_cli([*args, "--stop-after", "4"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    run_id = (tmp_path / "run" / "wandb" / "wandb_run_id").read_text().strip()
+    out = run_cli(["--resume", "run", "--no-progress"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "run" / "wandb" / "wandb_run_id").read_text().strip() == run_id
+    logs = list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert logs and all(b"layerlock/num_frozen" in p.read_bytes() for p in logs)
+
+
+def test_a_missing_wandb_is_refused_naming_the_extra(tmp_path, monkeypatch):
+    import importlib.util
+
+    from layerlock_plugin.errors import ConfigError
+    from layerlock_plugin.reference import metric_sinks
+    from layerlock_plugin.reference.config import load_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(metric_sinks.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
+    cfg = load_config(None, [f"out_dir={tmp_path / 'x'}", "train.wandb.project=p"])
+    with pytest.raises(ConfigError, match=r'^train\.wandb\.project: is set but wandb is not installed: pip install '
+                                          r'"layerlock-plugin\[wandb\]"'):
+        metric_sinks.check_sinks(cfg.train)
+    assert not (tmp_path / "x").exists()
+
+
+def test_progress_in_a_job_log_is_one_line_per_log_step(tmp_path):
+    args = [a for a in tiny_args("--out", "run", "--set", "train.log_every=8") if a != "--no-progress"]
+    out = run_cli(args, tmp_path)  # stdout is a pipe, as in a SLURM job log
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split(" ")[1] for line in lines] == ["8/24", "16/24", "24/24"]
+    assert all(" steps/s | ETA " in line and " | frozen " in line for line in lines)
+    assert "\r" not in out.stdout + out.stderr
