@@ -190,6 +190,50 @@ def paired_difference(values: list[float], reference: list[float]) -> dict[str, 
             "verdict": ("higher" if m > 0 else "lower") if resolved else "no resolved difference"}
 
 
+def paired_table(rows: list[dict[str, Any]], names: list[str], reference: str, name_key: str,
+                 metrics: list[str]) -> dict[str, dict[str, Any]]:
+    """Every name in ``names`` against ``reference`` on the seeds both ran: the paired difference
+    (:func:`paired_difference`) of each probe metric (``row["probes"][key]``), and the ratio of training
+    FLOPs and seconds where the rows carry them (``train_flops``, ``train_s``)."""
+    ref = {r["seed"]: r for r in rows if r[name_key] == reference}
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        mine = sorted((r for r in rows if r[name_key] == name and r["seed"] in ref), key=lambda r: r["seed"])
+        if name == reference or not mine:
+            continue
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in mine]}
+        for key in metrics:
+            entry[key] = paired_difference([r["probes"][key] for r in mine], [ref[r["seed"]]["probes"][key] for r in mine])
+        for key in ("train_flops", "train_s"):
+            if all(key in r and key in ref[r["seed"]] for r in mine):
+                entry[f"{key}_ratio"] = sum(r[key] for r in mine) / sum(ref[r["seed"]][key] for r in mine)
+        out[name] = entry
+    return out
+
+
+def paired_markdown(diffs: dict[str, dict[str, Any]], reference: str, columns: list[tuple[str, str]],
+                    label=lambda name: name) -> str:
+    """The table of :func:`paired_table` (``columns``: ``(metric key, header)``); empty without rows."""
+    if not diffs:
+        return ""
+    lines = ["", f"Against `{label(reference)}`, per seed (variant − reference; mean ± std, per-seed values, paired "
+             "t; verdict at 95%, two-sided):", "",
+             "| variant (seeds) | " + " | ".join(f"Δ {h}" for _, h in columns) + " | FLOPs ratio | time ratio |",
+             "|---" * (len(columns) + 3) + "|"]
+    for name, e in diffs.items():
+        cells = []
+        for key, _ in columns:
+            d = e[key]
+            verdict = "" if d["verdict"].startswith("no") else f" **{d['verdict']}**"
+            cells.append(f"{d['mean']:+.3f} ± {d['std']:.3f} ({', '.join(f'{x:+.3f}' for x in d['per_seed'])}; "
+                         f"t {d['t']:+.1f}){verdict}")
+        ratio = [f"{e[k]:.3f}" if k in e else "–" for k in ("train_flops_ratio", "train_s_ratio")]
+        lines.append(f"| {label(name)} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells + ratio) + " |")
+    lines += ["", "FLOPs: each distinct plan's training step measured once with FlopCounterMode, times the steps it "
+              "lasted. Time: training seconds (two runs shared the 2 cores, one thread each: noisy)."]
+    return "\n".join(lines) + "\n"
+
+
 def seeds_markdown(table: dict[str, dict[str, Any]], columns: list[tuple[str, str]], steps: int,
                    meta: dict[str, Any], label=lambda name: name, note: str = "") -> str:
     """The mean ± std table of :func:`aggregate_seeds` (``columns``: ``(key, header)``), with chance

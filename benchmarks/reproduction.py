@@ -40,8 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
-    RESULTS, aggregate_seeds, count_plan_flops, figure, paired_difference, provenance, run_flops, save_figure,
-    seeds_markdown, write_json)
+    RESULTS, aggregate_seeds, count_plan_flops, figure, paired_markdown, paired_table, provenance, run_flops,
+    save_figure, seeds_markdown, write_json)
 
 from layerlock_plugin.collapse import feature_stats  # noqa: E402
 from layerlock_plugin.reference.config import load_config  # noqa: E402
@@ -162,50 +162,11 @@ def aggregate(rows: list[dict[str, Any]], variants: list[str], reference: str) -
     return table
 
 
-def differences(rows: list[dict[str, Any]], variants: list[str], reference: str) -> dict[str, dict[str, Any]]:
-    """Every variant against ``reference`` on the seeds both ran: paired differences of each probe metric
-    (:func:`_common.paired_difference`) and the ratio of training FLOPs and seconds."""
-    ref = {r["seed"]: r for r in rows if r["variant"] == reference}
-    out: dict[str, dict[str, Any]] = {}
-    for name in variants:
-        mine = sorted((r for r in rows if r["variant"] == name and r["seed"] in ref), key=lambda r: r["seed"])
-        if name == reference or not mine:
-            continue
-        entry: dict[str, Any] = {"seeds": [r["seed"] for r in mine]}
-        for key, _, _ in METRICS:
-            entry[key] = paired_difference([r["probes"][key] for r in mine], [ref[r["seed"]]["probes"][key] for r in mine])
-        for key in ("train_flops", "train_s"):
-            if all(key in r for r in mine) and all(key in ref[r["seed"]] for r in mine):
-                entry[f"{key}_ratio"] = sum(r[key] for r in mine) / sum(ref[r["seed"]][key] for r in mine)
-        out[name] = entry
-    return out
-
-
 def markdown(table: dict[str, dict[str, Any]], diffs: dict[str, dict[str, Any]], reference: str, steps: int,
              meta: dict[str, Any]) -> str:
     cols = [(k, h) for k, h, _ in METRICS] + STATS + [("guard_trips", "guard trips")]
     md = seeds_markdown(table, cols, steps, meta, note="random init: the reference variant's encoders before training.")
-    if not diffs:
-        return md
-    heads = [h for k, h, _ in METRICS if k != "dense_rmse"]
-    lines = ["", f"Against `{reference}`, per seed (variant − {reference}; mean ± std, per-seed values, paired t; "
-             "verdict at 95%, two-sided):", "",
-             "| variant (seeds) | " + " | ".join(f"Δ {h}" for h in heads) + " | FLOPs ratio | time ratio |",
-             "|---" * (len(heads) + 3) + "|"]
-    for name, e in diffs.items():
-        cells = []
-        for key, _, _ in METRICS:
-            if key == "dense_rmse":
-                continue
-            d = e[key]
-            verdict = "" if d["verdict"].startswith("no") else f" **{d['verdict']}**"
-            cells.append(f"{d['mean']:+.3f} ± {d['std']:.3f} ({', '.join(f'{x:+.3f}' for x in d['per_seed'])}; "
-                         f"t {d['t']:+.1f}){verdict}")
-        ratio = [f"{e[k]:.3f}" if k in e else "–" for k in ("train_flops_ratio", "train_s_ratio")]
-        lines.append(f"| {name} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells + ratio) + " |")
-    lines += ["", "FLOPs: each distinct plan's training step measured once with FlopCounterMode, times the steps it "
-              "lasted. Time: training seconds (two runs shared the 2 cores, one thread each: noisy)."]
-    return md + "\n".join(lines) + "\n"
+    return md + paired_markdown(diffs, reference, [(k, h) for k, h, _ in METRICS if k != "dense_rmse"])
 
 
 def plot_collapse(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -282,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = [run_one(j) for j in jobs]
     reference = args.reference or methods[0]
-    table, diffs = aggregate(rows, methods, reference), differences(rows, methods, reference)
+    table = aggregate(rows, methods, reference)
+    diffs = paired_table(rows, methods, reference, "variant", [k for k, _, _ in METRICS])
     results = Path(args.results_dir)
     payload = {"study": "reproduction", "provenance": meta, "steps": steps, "methods": methods, "seeds": seeds,
                "extra_overrides": extra, "reference": reference, "table": table, "differences": diffs,
