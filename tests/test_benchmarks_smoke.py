@@ -194,3 +194,12 @@ def test_mae_setting_criterion():
     v = ms.verdict([0.50, 0.60, 0.40], [0.40, 0.41, 0.42])  # too noisy: 0.09 < 3 * 0.1
     assert not v["passes"]
     assert not ms.verdict([0.5, 0.5], [0.1, 0.1])["passes"]  # fewer than 3 seeds
+
+
+@pytest.mark.timeout(240)
+def test_supervised_recipe_quick(tmp_path):
+    sr = _load("supervised_recipe")
+    assert sr.main(["--quick", "--task", "appearance", "--results-dir", str(tmp_path), "--threads", "1"]) == 0
+    res = _outputs(tmp_path, "supervised_recipe-quick")
+    assert res["num_classes"] == 10 and res["steps"] == 12 and [c["step"] for c in res["curve"]] == list(range(2, 13, 2))
+    assert all(0 <= c["test_acc"] <= 1 and math.isfinite(c["train_loss"]) for c in res["curve"])
