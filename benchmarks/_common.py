@@ -92,6 +92,31 @@ def run_jobs(run_one, jobs: list[dict[str, Any]], parallel: int = 1) -> list[Any
         return pool.map(run_one, jobs, chunksize=1)
 
 
+def count_plan_flops(trainer) -> dict[str, int]:
+    """Wrap ``trainer.train_step`` so that the first step of every distinct plan (number of frozen blocks)
+    runs under ``torch.utils.flop_counter.FlopCounterMode``; returns the ``{num_frozen: FLOPs}`` dict it
+    fills during the run (see :func:`run_flops`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    plain, flops_by_plan = trainer.train_step, {}
+
+    def step(video):
+        if str(trainer.layerlock.plan_at(trainer.step).num_frozen) in flops_by_plan:
+            return plain(video)
+        with FlopCounterMode(display=False) as counter:
+            out = plain(video)
+        flops_by_plan[str(trainer.layerlock.plan.num_frozen)] = counter.get_total_flops()
+        return out
+
+    trainer.train_step = step
+    return flops_by_plan
+
+
+def run_flops(trainer, steps: int, flops_by_plan: dict[str, int]) -> int:
+    """Training FLOPs of a finished run: each step's plan's measured FLOPs, summed over ``steps``."""
+    return sum(flops_by_plan[str(trainer.layerlock.plan_at(s).num_frozen)] for s in range(steps))
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -148,6 +173,67 @@ def aggregate_seeds(rows: list[dict[str, Any]], names: list[str], name_key: str,
     return table
 
 
+#: two-sided 95% critical values of Student's t by degrees of freedom (n seeds - 1)
+T_CRIT_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def paired_difference(values: list[float], reference: list[float]) -> dict[str, Any]:
+    """Per-seed differences ``values[i] - reference[i]`` (same seed, same data order and masks): their
+    mean ± sample std, the paired t statistic and the verdict at 95% (two-sided; ``"higher"``,
+    ``"lower"`` or ``"no resolved difference"``; fewer than 3 seeds never resolve)."""
+    d = [a - b for a, b in zip(values, reference)]
+    m, s = mean_std(d)
+    n = len(d)
+    t = m / (s / n ** 0.5) if s > 0 else (float("inf") if m > 0 else float("-inf") if m < 0 else 0.0)
+    resolved = n >= 3 and abs(t) >= T_CRIT_95.get(n - 1, 1.96)
+    return {"per_seed": d, "mean": m, "std": s, "t": t,
+            "verdict": ("higher" if m > 0 else "lower") if resolved else "no resolved difference"}
+
+
+def paired_table(rows: list[dict[str, Any]], names: list[str], reference: str, name_key: str,
+                 metrics: list[str]) -> dict[str, dict[str, Any]]:
+    """Every name in ``names`` against ``reference`` on the seeds both ran: the paired difference
+    (:func:`paired_difference`) of each probe metric (``row["probes"][key]``), and the ratio of training
+    FLOPs and seconds where the rows carry them (``train_flops``, ``train_s``)."""
+    ref = {r["seed"]: r for r in rows if r[name_key] == reference}
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        mine = sorted((r for r in rows if r[name_key] == name and r["seed"] in ref), key=lambda r: r["seed"])
+        if name == reference or not mine:
+            continue
+        entry: dict[str, Any] = {"seeds": [r["seed"] for r in mine]}
+        for key in metrics:
+            entry[key] = paired_difference([r["probes"][key] for r in mine], [ref[r["seed"]]["probes"][key] for r in mine])
+        for key in ("train_flops", "train_s"):
+            if all(key in r and key in ref[r["seed"]] for r in mine):
+                entry[f"{key}_ratio"] = sum(r[key] for r in mine) / sum(ref[r["seed"]][key] for r in mine)
+        out[name] = entry
+    return out
+
+
+def paired_markdown(diffs: dict[str, dict[str, Any]], reference: str, columns: list[tuple[str, str]],
+                    label=lambda name: name) -> str:
+    """The table of :func:`paired_table` (``columns``: ``(metric key, header)``); empty without rows."""
+    if not diffs:
+        return ""
+    lines = ["", f"Against `{label(reference)}`, per seed (variant − reference; mean ± std, per-seed values, paired "
+             "t; verdict at 95%, two-sided):", "",
+             "| variant (seeds) | " + " | ".join(f"Δ {h}" for _, h in columns) + " | FLOPs ratio | time ratio |",
+             "|---" * (len(columns) + 3) + "|"]
+    for name, e in diffs.items():
+        cells = []
+        for key, _ in columns:
+            d = e[key]
+            verdict = "" if d["verdict"].startswith("no") else f" **{d['verdict']}**"
+            cells.append(f"{d['mean']:+.3f} ± {d['std']:.3f} ({', '.join(f'{x:+.3f}' for x in d['per_seed'])}; "
+                         f"t {d['t']:+.1f}){verdict}")
+        ratio = [f"{e[k]:.3f}" if k in e else "–" for k in ("train_flops_ratio", "train_s_ratio")]
+        lines.append(f"| {label(name)} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells + ratio) + " |")
+    lines += ["", "FLOPs: each distinct plan's training step measured once with FlopCounterMode, times the steps it "
+              "lasted. Time: training seconds (two runs shared the 2 cores, one thread each: noisy)."]
+    return "\n".join(lines) + "\n"
+
+
 def seeds_markdown(table: dict[str, dict[str, Any]], columns: list[tuple[str, str]], steps: int,
                    meta: dict[str, Any], label=lambda name: name, note: str = "") -> str:
     """The mean ± std table of :func:`aggregate_seeds` (``columns``: ``(key, header)``), with chance
@@ -155,7 +241,7 @@ def seeds_markdown(table: dict[str, dict[str, Any]], columns: list[tuple[str, st
     heads = [h for _, h in columns]
     lines = [f"| method ({steps} steps, seeds) | " + " | ".join(heads) + " |", "|---" * (len(heads) + 1) + "|"]
     for name, e in table.items():
-        cells = [f"{e[k][0]:.3f} ± {e[k][1]:.3f}" for k, _ in columns]
+        cells = [f"{e[k][0]:.3f} ± {e[k][1]:.3f}" if k in e else "–" for k, _ in columns]
         lines.append(f"| {label(name)} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells) + " |")
     any_e = next(iter(table.values()), {})
     lines.append("")

@@ -38,11 +38,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, mean_std, provenance, write_json  # noqa: E402
+from _common import RESULTS, count_plan_flops, mean_std, provenance, run_flops, write_json  # noqa: E402
 
 from layerlock_plugin.reference.config import load_config  # noqa: E402
 from layerlock_plugin.reference.plots import plot_adaptive_signals  # noqa: E402
@@ -70,22 +68,6 @@ def schedule_sets(name: str, steps: int) -> list[str]:
             *common]
 
 
-def counted_train_step(trainer: Trainer, flops_by_plan: dict[str, int]):
-    """``trainer.train_step`` that measures the FLOPs of the first step of every distinct plan."""
-    plain = trainer.train_step
-
-    def step(video: torch.Tensor) -> dict[str, float]:
-        key = str(trainer.layerlock.plan_at(trainer.step).num_frozen)
-        if key in flops_by_plan:
-            return plain(video)
-        with FlopCounterMode(display=False) as counter:
-            out = plain(video)
-        flops_by_plan[str(trainer.layerlock.plan.num_frozen)] = counter.get_total_flops()
-        return out
-
-    return step
-
-
 def run_one(name: str, seed: int, steps: int, out: Path, extra: list[str], threads: int) -> dict[str, Any]:
     done = out / "row.json"
     overrides = [f"out_dir={out}", "method=layerlock", f"seed={seed}", f"train.steps={steps}", "train.progress=false",
@@ -97,11 +79,9 @@ def run_one(name: str, seed: int, steps: int, out: Path, extra: list[str], threa
             return row
     started = time.perf_counter()
     trainer = Trainer(config, overwrite=True, echo=lambda s: None)  # an unfinished earlier try restarts
-    flops_by_plan: dict[str, int] = {}
-    trainer.train_step = counted_train_step(trainer, flops_by_plan)
+    flops_by_plan = count_plan_flops(trainer)
     summary = trainer.fit()
-    plans = [trainer.layerlock.plan_at(s).num_frozen for s in range(steps)]
-    total_flops = sum(flops_by_plan[str(k)] for k in plans)
+    total_flops = run_flops(trainer, steps, flops_by_plan)
     rows = read_jsonl(out / "metrics.jsonl")
     tail = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]
     row = {

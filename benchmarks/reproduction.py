@@ -39,7 +39,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, aggregate_seeds, figure, provenance, save_figure, seeds_markdown, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    RESULTS, aggregate_seeds, count_plan_flops, figure, paired_markdown, paired_table, provenance, run_flops,
+    save_figure, seeds_markdown, write_json)
 
 from layerlock_plugin.collapse import feature_stats  # noqa: E402
 from layerlock_plugin.reference.config import load_config  # noqa: E402
@@ -60,6 +62,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "mae-q25": ("mae", ["target.loss_fraction=0.25"]),
     "layerlock-q25": ("layerlock", ["target.loss_fraction=0.25"]),
     "layerlock-q25-sparse": ("layerlock", ["target.loss_fraction=0.25", "target.context=sparse"]),
+    # the paper's "5% patches": queries and loss on 5% of the masked positions (every phase), with the
+    # target pass over all tokens or over the queried + visible ones only (sparse context)
+    "layerlock-5pct": ("layerlock", ["target.loss_fraction=0.05"]),
+    "layerlock-5pct-sparse": ("layerlock", ["target.loss_fraction=0.05", "target.context=sparse"]),
+    # position: 3D RoPE inside attention (q and k per head) or none (a fixed 3D sin-cos embedding instead)
+    "mae-rope-attention": ("mae", ["model.rope=attention"]),
+    "mae-rope-none": ("mae", ["model.rope=none", "model.pos_embed=sincos"]),
+    "layerlock-rope-attention": ("layerlock", ["model.rope=attention"]),
+    "layerlock-rope-none": ("layerlock", ["model.rope=none", "model.pos_embed=sincos"]),
 }
 PAPER_METHODS = ["mae", "freeze-only", "layerlock", "latent-naive"]
 # Columns of the table: (key in probes.json, header, higher is better)
@@ -118,14 +129,18 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         return row
     started = time.perf_counter()
     trainer = Trainer(config, overwrite=True, echo=lambda s: None)  # an unfinished earlier try restarts
+    flops_by_plan = count_plan_flops(trainer)
     summary = trainer.fit()
     rows = read_jsonl(out / "metrics.jsonl")
+    trips = [(r["step"], r["layerlock/guard_trips"]) for r in rows if r.get("layerlock/guard_trips", 0) > 0]
     tail = [r["loss"] for r in rows[-max(1, len(rows) // 10):]]
     row = {
         "variant": job["variant"], "seed": job["seed"], "steps": config.train.steps,
         "probes": summary.get("probes", {}), "final_loss": sum(tail) / len(tail),
         **encoder_stats(trainer), "events": [(e["step"], e["num_frozen"]) for e in summary["events"]],
         "wall_s": round(time.perf_counter() - started, 1), "train_s": summary["train_seconds"],
+        "train_flops": run_flops(trainer, config.train.steps, flops_by_plan), "flops_by_num_frozen": flops_by_plan,
+        "guard_trips": trips[-1][1] if trips else 0.0, "first_trip_logged_at": trips[0][0] if trips else None,
         "collapse_over_time": [{k: r[k] for k in ("step", "layerlock/feature_std", "layerlock/effective_rank",
                                                   "loss") if k in r} for r in rows],
         "config": config.to_dict(),
@@ -136,12 +151,22 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def aggregate(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, dict[str, Any]]:
-    return aggregate_seeds(rows, variants, "variant", [k for k, _, _ in METRICS], [k for k, _ in STATS])
+def aggregate(rows: list[dict[str, Any]], variants: list[str], reference: str) -> dict[str, dict[str, Any]]:
+    """Mean ± std per variant, then ``random init``: the probes of the reference variant's initial
+    encoders (same seeds, before training)."""
+    table = aggregate_seeds(rows, variants, "variant", [k for k, _, _ in METRICS],
+                            [k for k, _ in STATS] + ["train_flops", "train_s", "guard_trips"])
+    base = [{"variant": "random init", "seed": r["seed"], "probes": r["probes"]["random_init"]}
+            for r in rows if r["variant"] == reference and "random_init" in r["probes"]]
+    table.update(aggregate_seeds(base, ["random init"], "variant", [k for k, _, _ in METRICS], []))
+    return table
 
 
-def markdown(table: dict[str, dict[str, Any]], steps: int, meta: dict[str, Any]) -> str:
-    return seeds_markdown(table, [(k, h) for k, h, _ in METRICS] + STATS, steps, meta)
+def markdown(table: dict[str, dict[str, Any]], diffs: dict[str, dict[str, Any]], reference: str, steps: int,
+             meta: dict[str, Any]) -> str:
+    cols = [(k, h) for k, h, _ in METRICS] + STATS + [("guard_trips", "guard trips")]
+    md = seeds_markdown(table, cols, steps, meta, note="random init: the reference variant's encoders before training.")
+    return md + paired_markdown(diffs, reference, [(k, h) for k, h, _ in METRICS if k != "dense_rmse"])
 
 
 def plot_collapse(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -185,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default="", help="suffix for result files and run folders")
     p.add_argument("--runs-dir", default="runs/bench", help="parent folder of the run folders")
     p.add_argument("--results-dir", default=str(RESULTS))
+    p.add_argument("--reference", default=None,
+                   help="variant the others are compared with per seed (default: the first of --methods)")
     p.add_argument("--collect-only", action="store_true",
                    help="train nothing: tabulate the runs whose folders already hold a finished row.json")
     args = p.parse_args(argv)
@@ -215,14 +242,16 @@ def main(argv: list[str] | None = None) -> int:
             rows = pool.map(run_one, jobs, chunksize=1)
     else:
         rows = [run_one(j) for j in jobs]
-    table = aggregate(rows, methods)
+    reference = args.reference or methods[0]
+    table = aggregate(rows, methods, reference)
+    diffs = paired_table(rows, methods, reference, "variant", [k for k, _, _ in METRICS])
     results = Path(args.results_dir)
     payload = {"study": "reproduction", "provenance": meta, "steps": steps, "methods": methods, "seeds": seeds,
-               "extra_overrides": extra, "table": table,
+               "extra_overrides": extra, "reference": reference, "table": table, "differences": diffs,
                "runs": [{k: v for k, v in r.items() if k != "config"} for r in rows],
                "config_of_first_run": rows[0]["config"]}
     write_json(results / f"reproduction{suffix}.json", payload)
-    md = markdown(table, steps, meta)
+    md = markdown(table, diffs, reference, steps, meta)
     (results / f"reproduction{suffix}.md").write_text(md)
     plot_collapse(rows, results / f"collapse{suffix}.png")
     print(md)

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, aggregate_seeds, provenance, seeds_markdown, write_json  # noqa: E402
+from _common import RESULTS, aggregate_seeds, paired_markdown, paired_table, provenance, seeds_markdown, write_json  # noqa: E402
 
 from layerlock_plugin.collapse import feature_stats  # noqa: E402
 from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
@@ -98,6 +98,12 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     # the targets the loss regressed on the last step ([B, M_i, D] per mask config), pooled over masks
     target = torch.cat([t.reshape(-1, t.shape[-1]) for t in out["last_target"]])
     probes = probe_encoder(ex, out["target_encoder"], ProbeConfig(**job["probe"]))
+    if job["method"] == METHODS[0]:
+        # The encoder both methods start from at this seed (the example seeds, then builds it first).
+        torch.manual_seed(job["seed"])
+        initial, _ = ex.init_video_model()
+        probes["random_init"] = probe_encoder(ex, initial, ProbeConfig(**job["probe"]))
+        probes["random_init"].pop("encoder_feature_std")
     row = {
         "method": job["method"], "seed": job["seed"], "steps": job["steps"],
         "probes": {k: v for k, v in probes.items() if k != "encoder_feature_std"},
@@ -114,13 +120,20 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return aggregate_seeds(rows, METHODS, "method", [k for k, _ in METRICS], [k for k, _ in STATS])
+    """Mean ± std per method, then ``random init`` (the encoder both methods start from, per seed)."""
+    table = aggregate_seeds(rows, METHODS, "method", [k for k, _ in METRICS], [k for k, _ in STATS])
+    base = [{"method": "random init", "seed": r["seed"], "probes": r["probes"]["random_init"]}
+            for r in rows if "random_init" in r["probes"]]
+    table.update(aggregate_seeds(base, ["random init"], "method", [k for k, _ in METRICS], []))
+    return table
 
 
-def markdown(table: dict[str, dict[str, Any]], steps: int, meta: dict[str, Any]) -> str:
-    return seeds_markdown(table, METRICS + STATS, steps, meta, label=LABELS.get,
-                          note="Probes read the final target (EMA) encoder. Final losses regress different "
-                               "targets and are not comparable across methods.")
+def markdown(table: dict[str, dict[str, Any]], diffs: dict[str, dict[str, Any]], steps: int, meta: dict[str, Any]) -> str:
+    label = lambda name: LABELS.get(name, name)  # noqa: E731
+    md = seeds_markdown(table, METRICS + STATS, steps, meta, label=label,
+                        note="Probes read the final target (EMA) encoder. Final losses regress different "
+                             "targets and are not comparable across methods.")
+    return md + paired_markdown(diffs, METHODS[0], [m for m in METRICS if m[0] != "dense_rmse"], label=label)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = [run_one(j) for j in jobs]
     table = aggregate(rows)
+    diffs = paired_table(rows, args.methods, METHODS[0], "method", [k for k, _ in METRICS])
     results = Path(args.results_dir)
     write_json(results / f"vjepa_reproduction{suffix}.json",
                {"study": "vjepa_reproduction", "provenance": meta, "steps": steps, "methods": args.methods,
-                "seeds": seeds, "probe": probe, "probed_encoder": "target (EMA)", "table": table, "runs": rows})
-    md = markdown(table, steps, meta)
+                "seeds": seeds, "probe": probe, "probed_encoder": "target (EMA)", "table": table, "differences": diffs, "runs": rows})
+    md = markdown(table, diffs, steps, meta)
     (results / f"vjepa_reproduction{suffix}.md").write_text(md)
     print(md)
     return 0

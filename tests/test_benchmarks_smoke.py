@@ -90,12 +90,17 @@ def test_reproduction_quick(tmp_path):
     assert rep.main(args) == 0
     res = _outputs(tmp_path, "reproduction-quick")
     assert (tmp_path / "collapse-quick.png").stat().st_size > 0
-    assert list(res["table"]) == rep.PAPER_METHODS
+    assert list(res["table"]) == rep.PAPER_METHODS + ["random init"]
     for method, entry in res["table"].items():
         for key, _, _ in rep.METRICS:
             assert all(math.isfinite(x) for x in entry[key]), (method, key)
     naive = next(r for r in res["runs"] if r["variant"] == "latent-naive")
     assert any("layerlock/feature_std" in p for p in naive["collapse_over_time"])
+    # every variant against MAE, seed by seed; frozen blocks skip their backward: fewer training FLOPs
+    assert res["reference"] == "mae" and list(res["differences"]) == rep.PAPER_METHODS[1:]
+    freeze = res["differences"]["freeze-only"]
+    assert freeze["motion_acc"]["verdict"] == "no resolved difference"  # one seed never resolves
+    assert 0 < freeze["train_flops_ratio"] < 1 and all(r["train_flops"] > 0 for r in res["runs"])
     # a second call reads the finished runs back instead of training again
     assert rep.main(args + ["--collect-only"]) == 0
 
@@ -128,9 +133,9 @@ def test_vjepa_reproduction_quick(tmp_path):
     vj = _load("vjepa_reproduction")
     assert vj.main(["--quick", "--steps", "6", "--results-dir", str(tmp_path)]) == 0
     res = _outputs(tmp_path, "vjepa_reproduction-quick")
-    assert list(res["table"]) == vj.METHODS
+    assert list(res["table"]) == vj.METHODS + ["random init"] and list(res["differences"]) == ["layerlock"]
     for method, entry in res["table"].items():
-        for key, _ in vj.METRICS + vj.STATS:
+        for key, _ in vj.METRICS + (vj.STATS if method != "random init" else []):
             assert all(math.isfinite(x) for x in entry[key]), (method, key)
     runs = {r["method"]: r for r in res["runs"]}
     # the LayerLock run froze on its schedule (2 of 4 blocks), the V-JEPA baseline froze nothing
@@ -149,8 +154,12 @@ def test_calibration_quick(tmp_path):
     for r in res["rows"]:
         for key in ("motion_linear_acc", "motion_attentive_acc", "motion_knn_acc", "appearance_acc", "dense_r2"):
             assert math.isfinite(r["probes"][key]), (r["name"], key)
-    assert [c["check"].split()[0] for c in res["checks"]] == ["motion", "supervised", "supervised"]
+    assert [c["check"].split()[0] for c in res["checks"]] == ["motion"] + ["supervised"] * 4
     assert all(isinstance(c["passed"], bool) for c in res["checks"])
+    for r in res["rows"][3:]:  # the supervised rungs: every learning rate tried, the best held-out one kept
+        grid = r["lr_grid"]
+        assert [g["lr"] for g in grid] == list(cal.SUPERVISED_LRS) and all(g["task"] == r["task"] for g in grid)
+        assert r["lr"] == max(grid, key=lambda g: g["val_acc"])["lr"] and "state" not in grid[0]
 
 
 @pytest.mark.timeout(240)
@@ -167,6 +176,17 @@ def test_mae_setting_quick(tmp_path):
     assert ms.main(args) == 0  # the finished run is read back
 
 
+def test_paired_difference_verdicts():
+    common = _load("_common")
+    d = common.paired_difference([0.50, 0.52, 0.51], [0.40, 0.41, 0.42])
+    assert d["per_seed"] == pytest.approx([0.10, 0.11, 0.09]) and d["verdict"] == "higher"
+    assert d["t"] == pytest.approx(0.10 / (0.01 / 3 ** 0.5))
+    assert common.paired_difference([0.40, 0.41], [0.50, 0.52])["verdict"] == "no resolved difference"  # 2 seeds
+    noisy = common.paired_difference([0.50, 0.30, 0.45], [0.40, 0.41, 0.42])  # mean +0.007, spread 0.11
+    assert noisy["verdict"] == "no resolved difference"
+    assert common.paired_difference([0.1, 0.2, 0.3], [0.3, 0.4, 0.5])["verdict"] == "lower"  # constant -0.2
+
+
 def test_mae_setting_criterion():
     ms = _load("mae_setting")
     v = ms.verdict([0.50, 0.52, 0.51], [0.40, 0.41, 0.42])
@@ -174,3 +194,12 @@ def test_mae_setting_criterion():
     v = ms.verdict([0.50, 0.60, 0.40], [0.40, 0.41, 0.42])  # too noisy: 0.09 < 3 * 0.1
     assert not v["passes"]
     assert not ms.verdict([0.5, 0.5], [0.1, 0.1])["passes"]  # fewer than 3 seeds
+
+
+@pytest.mark.timeout(240)
+def test_supervised_recipe_quick(tmp_path):
+    sr = _load("supervised_recipe")
+    assert sr.main(["--quick", "--task", "appearance", "--results-dir", str(tmp_path), "--threads", "1"]) == 0
+    res = _outputs(tmp_path, "supervised_recipe-quick")
+    assert res["num_classes"] == 10 and res["steps"] == 12 and [c["step"] for c in res["curve"]] == list(range(2, 13, 2))
+    assert all(0 <= c["test_acc"] <= 1 and math.isfinite(c["train_loss"]) for c in res["curve"])
