@@ -80,6 +80,18 @@ def test_preemption_signal_checkpoints_and_exits_for_requeue(tmp_path, reference
     assert _same_weights(_weights(reference), _weights(run))
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_repeated_signal_after_the_stop_finished_does_not_kill_the_process(sig):
+    """The scheduler's repeat can arrive after the run stopped (a fast step and checkpoint) while the process
+    still writes its summary: it must not die from the signal's default action then."""
+    code = ("import os, signal\n"
+            "from layerlock_plugin.reference.stop import StopRequest\n"
+            f"with StopRequest() as stop:\n    os.kill(os.getpid(), {int(sig)})\n"
+            f"assert stop.requested\nos.kill(os.getpid(), {int(sig)})\nprint('still alive')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "still alive" in out.stdout, (out.returncode, out.stderr)
+
+
 def test_a_signal_at_start_up_stops_after_the_first_step(tmp_path):
     proc = _start(tiny_args("--out", "run", *LONG), tmp_path)
     _wait_for(lambda: proc.stdout is not None, proc)

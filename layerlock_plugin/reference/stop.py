@@ -8,7 +8,8 @@ and the loop returns. The process then exits with :data:`INTERRUPTED_EXIT_CODE` 
 :data:`PREEMPTED_EXIT_CODE` (TERM / USR1), which a requeue script can test.
 
 A second Ctrl-C restores Python's default and interrupts at once, as users expect; a repeated TERM or
-USR1 is ignored (the run is already stopping: killing it then could only lose the checkpoint).
+USR1 is ignored (the run is already stopping: killing it then could only lose the checkpoint), also after
+the ``with`` block ends, until the process exits.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class StopRequest:
         if self._depth:
             return
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # once a stop was requested the process is on its way out; a scheduler's repeated TERM / USR1
+            # arriving after the loop returned (a fast step and checkpoint) must not kill it mid-summary
+            stopping = self.requested and sig != signal.SIGINT
+            signal.signal(sig, signal.SIG_IGN if stopping else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
