@@ -15,8 +15,12 @@ class ConfigError(LayerLockError, ValueError):
     """
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}")
+
+    def __reduce__(self):
+        # the default rebuilds from ``args`` (one string): a worker's error would not reach its parent
+        return type(self), (self.field, self.message)
 
 
 class EncoderStructureError(LayerLockError, TypeError):
