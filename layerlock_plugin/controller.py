@@ -300,13 +300,16 @@ class LayerLock:
 
     def end_step(self, loss: torch.Tensor | None = None,
                  targets: dict[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor] | None = None, *,
-                 measured: Sequence[float] | None = None) -> GuardDecision:
+                 measured: Sequence[float] | None = None, step: int | None = None) -> GuardDecision:
         """Run the collapse guard on this step's scalar ``loss`` and latent target (``{head: [B, Q, D]}`` or
         host-computed ``[..., D]`` tensors, see :meth:`_latent`); the decision is kept as :attr:`last_decision` (see
         :func:`~layerlock_plugin.integration.skip_update`). With ``measured`` (the host values of
-        :meth:`guard_measure`, averaged over ranks) the guard only decides: no collective, no sync."""
+        :meth:`guard_measure`, averaged over ranks) the guard only decides: no collective, no sync. ``step``:
+        the step those measures belong to, for a host that reads its step scalars only every few steps
+        (PyTorch/XLA) and decides each past step in order at the read; such a decision can warn, stop or
+        raise, but no longer skip that step's update."""
         if measured is not None:
-            self.last_decision = self.guard.decide(self.plan.step, measured)
+            self.last_decision = self.guard.decide(self.plan.step if step is None else step, measured)
         else:
             if loss is None:
                 raise ValueError("end_step: give the step's loss (or measured=...)")

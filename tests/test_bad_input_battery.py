@@ -47,6 +47,10 @@ CASES: list[tuple[list[str], str]] = [
     (["--set", "train.progress=maybe"], "train.progress"),
     (["--set", "train.device=tpu"], "train.device"),
     (["--set", "train.strategy=horovod"], "train.strategy"),
+    (["--set", "train.strategy=spmd"], "train.strategy"),  # XLA's data parallel on a CPU run
+    (["--set", "train.device=xla", "--set", "train.strategy=ddp"], "train.strategy"),
+    (["--set", "train.device=xla", "--set", "train.compile=true"], "train.compile"),
+    (["--set", "train.device=xla", "--set", "train.activation_checkpointing=true"], "train.activation_checkpointing"),
     (["--set", "train.precision=fp8"], "train.precision"),
     (["--set", "train.grad_accum=3"], "train.grad_accum"),
     (["--set", "train.peak_tflops=-1"], "train.peak_tflops"),

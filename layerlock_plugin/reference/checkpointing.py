@@ -32,10 +32,14 @@ RESUMABLE_CHANGES = ("out_dir", "train.steps", "train.log_every", "train.ckpt_ev
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's generators: the CPU one, and its GPU's when it runs on CUDA."""
+    """This process's generators: the CPU one, and its GPU's (CUDA) or XLA device's when it runs there."""
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
+    if device.type == "xla":
+        from . import xla
+
+        state["xla"] = xla.rng_state()
     return state
 
 
@@ -46,6 +50,10 @@ def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
             raise CheckpointError("the checkpoint holds no CUDA generator state (it was written on CPU); a GPU run "
                                   "cannot continue its dropout / drop-path streams exactly")
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+    if device.type == "xla" and "xla" in state:
+        from . import xla
+
+        xla.set_rng_state(state["xla"])
 
 
 def config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -94,7 +102,7 @@ class Checkpointer:
 
     @property
     def uses_dcp(self) -> bool:
-        return self.t.env.strategy != "none"
+        return self.t.env.strategy in ("ddp", "fsdp")
 
     def _common(self) -> dict[str, Any]:
         t = self.t
@@ -105,8 +113,12 @@ class Checkpointer:
         t = self.t
         keep = t.config.train.keep_last
         if not self.uses_dcp:
-            state = {"format": CHECKPOINT_FORMAT, **self._common(), "model": t.model.state_dict(),
-                     "optimizer": t.optimizer.state_dict(),
+            model, optim = t.model.state_dict(), t.optimizer.state_dict()
+            if t.device.type == "xla":  # XLA tensors are saved from CPU copies
+                from .xla import to_cpu
+
+                model, optim = to_cpu(model), to_cpu(optim)
+            state = {"format": CHECKPOINT_FORMAT, **self._common(), "model": model, "optimizer": optim,
                      "rng": {**rng_state(t.device), "mask": t.mask_generator.get_state()}}
             return self._save_file(state, keep)
         trainer_state = {"format": DCP_FORMAT, **self._common(), "mask_rng": t.mask_generator.get_state()}
@@ -139,7 +151,7 @@ class Checkpointer:
         if self.uses_dcp:
             raise CheckpointError(f"{path} holds no distributed checkpoint (dcp/latest) but train.strategy is "
                                   f"{t.env.strategy!r}; a one-process checkpoint.pt resumes with train.strategy=none")
-        ckpt = load_checkpoint(file, map_location=t.device)
+        ckpt = load_checkpoint(file, map_location="cpu" if t.device.type == "xla" else t.device)
         require_keys(ckpt, ["format", "config", "step", "model", "optimizer", "scheduler", "layerlock", "rng"], file)
         if ckpt["format"] != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{file} has format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")

@@ -236,6 +236,7 @@ def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
         return 0
     from .distributed import teardown
     from .trainer import Trainer
+    from .xla import device_kind as xla_kind
 
     started = time.perf_counter()
     trainer = None
@@ -251,6 +252,8 @@ def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
                      f"{sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f}M "
                      f"params, {config.train.steps} steps x {config.train.batch_size} clips, run folder {config.out_dir}"
                      + (f", {env.world_size} processes ({config.train.strategy}, {env.backend})" if env.distributed else "")
+                     + (f", on {env.device} ({xla_kind()}{', spmd' if env.mesh is not None else ''})"
+                        if env.device.type == "xla" else "")
                      + (f", resuming at step {trainer.step}" if args.resume else ""))
         if args.resume and not config.probe_enabled:
             trainer.echo("note: probes are off in this run's config (probe.enabled: false, e.g. from --no-probe); "

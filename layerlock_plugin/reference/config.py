@@ -92,9 +92,9 @@ class TrainConfig:
     num_workers: int = 0
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     progress: bool = True
-    device: str = "cpu"  # cpu | cuda | auto (cuda when available)
+    device: str = "cpu"  # cpu | cuda | xla (PyTorch/XLA: TPU) | auto (xla when PJRT_DEVICE is set, else cuda if available)
     # Cluster scale (see layerlock_plugin/reference/distributed.py and parallelize.py).
-    strategy: str = "none"  # none (one process) | ddp | fsdp (FSDP2, one unit per block); needs torchrun
+    strategy: str = "none"  # none (one process) | ddp | fsdp (FSDP2, one unit per block; torchrun) | spmd (XLA)
     precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the global batch per step
     activation_checkpointing: bool = False  # recompute trainable blocks in backward (frozen ones store nothing)
@@ -102,7 +102,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per-device peak for MFU; 0 = look the device up (unknown -> no MFU)
     dist_timeout_s: int = 600  # collective timeout: a stuck rank fails instead of hanging forever
 
-    STRATEGIES: ClassVar[tuple[str, ...]] = ("none", "ddp", "fsdp")
+    STRATEGIES: ClassVar[tuple[str, ...]] = ("none", "ddp", "fsdp", "spmd")
 
     def __post_init__(self) -> None:
         v.positive_int("train.steps", self.steps)
@@ -118,7 +118,7 @@ class TrainConfig:
         v.non_negative_int("train.num_workers", self.num_workers)
         v.non_negative_int("train.threads", self.threads)
         v.boolean("train.progress", self.progress)
-        v.one_of("train.device", self.device, ("cpu", "cuda", "auto"))
+        v.one_of("train.device", self.device, ("cpu", "cuda", "xla", "auto"))
         v.one_of("train.strategy", self.strategy, self.STRATEGIES)
         v.one_of("train.precision", self.precision, ("auto", "fp32", "bf16"))
         v.positive_int("train.grad_accum", self.grad_accum)
@@ -126,6 +126,17 @@ class TrainConfig:
         v.boolean("train.compile", self.compile)
         v.non_negative_float("train.peak_tflops", self.peak_tflops)
         v.positive_int("train.dist_timeout_s", self.dist_timeout_s)
+        if self.strategy == "spmd" and self.device != "xla":
+            raise ConfigError("train.strategy", "'spmd' is PyTorch/XLA's data parallel: it needs train.device=xla")
+        if self.device == "xla" and self.strategy in ("ddp", "fsdp"):
+            raise ConfigError("train.strategy", f"{self.strategy!r} is for CPU / GPU process groups; on XLA use "
+                                                "'spmd' (all devices of the host) or 'none' (one device)")
+        if self.device == "xla" and self.compile:
+            raise ConfigError("train.compile", "is torch.compile for CPU / GPU; on train.device=xla the XLA compiler "
+                                               "already compiles the whole step: set it to false")
+        if self.device == "xla" and self.activation_checkpointing:
+            raise ConfigError("train.activation_checkpointing", "is not supported with train.device=xla (untested "
+                                                                "there); set it to false")
         if self.batch_size % self.grad_accum:
             raise ConfigError("train.grad_accum", f"must divide train.batch_size={self.batch_size}, got {self.grad_accum}")
 

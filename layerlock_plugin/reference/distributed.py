@@ -7,9 +7,9 @@ Launch (every process runs the same command; torchrun sets ``RANK``, ``WORLD_SIZ
 
 Backend: NCCL when the run uses CUDA (one GPU per process, ``cuda:LOCAL_RANK``), gloo on CPU.
 
-TPU is not supported: the device choice lives here so that a torch_xla path would be added in this
-module only, but this project's machines have no torch_xla build to test one against, and an untested
-path is not shipped (``train.device`` accepts cpu | cuda | auto).
+TPU (PyTorch/XLA, ``train.device: xla``): one process per host drives every XLA device of the host, with
+no process group; ``train.strategy: spmd`` partitions each step over them (see :mod:`.xla`). torch_xla is
+imported only on that path.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,7 +37,8 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    backend: str | None  # None: no process group (strategy 'none')
+    backend: str | None  # None: no process group (strategy 'none', and XLA)
+    mesh: Any = None  # XLA SPMD: the device mesh the global batch is sharded over
 
     @property
     def is_main(self) -> bool:
@@ -68,8 +70,18 @@ def setup(strategy: str, device: str, timeout_s: int = 600) -> DistEnv:
     N independent copies). ``ddp`` / ``fsdp`` need a process group: an existing one, or the torchrun
     environment to create it from.
     """
-    if strategy not in ("none", "ddp", "fsdp"):
-        raise ConfigError("train.strategy", f"must be one of 'none', 'ddp', 'fsdp'; got {strategy!r}")
+    if strategy not in ("none", "ddp", "fsdp", "spmd"):
+        raise ConfigError("train.strategy", f"must be one of 'none', 'ddp', 'fsdp', 'spmd'; got {strategy!r}")
+    from . import xla
+
+    if xla.requested(device):
+        # One process drives every XLA device of the host; 'spmd' partitions the step over them.
+        if strategy in ("ddp", "fsdp"):
+            raise ConfigError("train.strategy", f"{strategy!r} is for CPU / GPU process groups; on XLA use 'spmd' or 'none'")
+        mesh = xla.use_spmd() if strategy == "spmd" else None  # before any tensor exists on the device
+        return DistEnv(strategy, 0, 1, 0, xla.device(), None, mesh)
+    if strategy == "spmd":
+        raise ConfigError("train.strategy", "'spmd' is PyTorch/XLA's data parallel: it needs train.device=xla")
     if strategy == "none":
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > 1:

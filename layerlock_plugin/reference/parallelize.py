@@ -14,6 +14,10 @@ Readout heads: the model builds every ``layer_k`` readout up front, so the optim
 step 0; only the heads of the current plan are used in a step. Under ``ddp`` / ``fsdp`` the others
 get ``requires_grad=False`` (they would get no gradient anyway: AdamW skips a parameter whose grad
 is None, so this changes no update), which keeps DDP from waiting for gradients that never come.
+
+``spmd`` (PyTorch/XLA): the model itself, parameters replicated on every device of the mesh; the step's
+inputs are sharded over the mesh's ``data`` axis (:meth:`Parallelized.shard_inputs`) and the XLA
+partitioner inserts the gradient all-reduce.
 """
 
 from __future__ import annotations
@@ -32,9 +36,14 @@ from .model import VideoMAE
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """``train.precision`` -> the autocast dtype (None = fp32). ``auto``: bf16 on GPU, fp32 on CPU."""
+    """``train.precision`` -> the autocast dtype (None = fp32). ``auto``: bf16 on GPU and TPU, fp32 on CPU
+    (PJRT's CPU device included)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
+    if precision == "auto" and device.type == "xla":
+        from . import xla
+
+        return torch.bfloat16 if xla.device_kind() == "TPU" else None
     return None
 
 
@@ -65,6 +74,7 @@ class Parallelized:
         self.model, self.env = model, env
         self.dtype = autocast_dtype(precision, env.device)
         self._ddp: LayerLockDDP | None = None
+        self.input_sharding: str | None = None  # spmd: the first batch's layout over the devices, as XLA says it
         if env.strategy == "fsdp":
             apply_fsdp(model, self.dtype)
 
@@ -92,6 +102,18 @@ class Parallelized:
             self._ddp = LayerLockDDP(self.model, device_ids=ids, forward_sync_buffers=False)  # buffers: constants (RoPE)
             return True
         return self._ddp.sync()
+
+    def shard_inputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Under ``spmd``: shard each ``[B, ...]`` input over the mesh's ``data`` axis (in place, returned
+        for convenience); otherwise the tensors unchanged."""
+        if self.env.mesh is not None:
+            from . import xla
+
+            for t in tensors:
+                xla.shard_batch(t, self.env.mesh)
+            if self.input_sharding is None:
+                self.input_sharding = xla.sharding_spec(tensors[0])
+        return tensors
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:

@@ -28,6 +28,7 @@ class RunLog:
         self._files: dict[str, IO[str]] = {}
         self._window: list[tuple[tuple[str, ...], torch.Tensor, bool]] = []
         self.last_step: dict[str, float] = {}
+        self._host: list[dict[str, float]] | None = None  # the window's values once read (window_values)
 
     def start(self, step: int, source: Path | None = None) -> None:
         """Fresh logs at step 0; else the rows of ``source`` (the resumed run's folder, this one unless
@@ -57,28 +58,40 @@ class RunLog:
         """One step's scalars ``values [len(names)]`` (on the device: read only at the next row, so steps
         between rows cost no host sync) and whether its update was skipped."""
         self._window.append((names, values, skipped))
+        self._host = None
+
+    def window_values(self) -> list[dict[str, float]]:
+        """The host values of every step since the last row, oldest first (``{name: value}``; names with
+        ``_`` included). The window is read back in one transfer, on the first call only."""
+        if self._host is None:
+            # The head set (hence the names) changes at a target switch: the steps are grouped by their
+            # names, all groups read back in one transfer.
+            groups: dict[tuple[str, ...], list[int]] = {}
+            for i, (names, _, _) in enumerate(self._window):
+                groups.setdefault(names, []).append(i)
+            flat = torch.cat([torch.stack([self._window[i][1] for i in idx]).reshape(-1)
+                              for idx in groups.values()]).tolist() if self._window else []
+            host: list[dict[str, float]] = [{} for _ in self._window]
+            offset = 0
+            for names, idx in groups.items():
+                for i in idx:
+                    host[i] = dict(zip(names, flat[offset: offset + len(names)]))
+                    offset += len(names)
+            self._host = host
+        return self._host
 
     def write_row(self, step: int, extra: dict[str, Any], speed: dict[str, Any] | None = None) -> dict[str, Any]:
         """Average the steps since the last row into a metrics row (plus ``extra``; one host transfer) and
         write ``speed`` as the throughput row. Names starting with ``_`` are not logged; the last step's
-        values, those included, are kept in :attr:`last_step`."""
+        values, those included, are kept in :attr:`last_step`. Each name is averaged over the steps that
+        have it."""
         row: dict[str, Any] = {"step": step}
         if self._window:
-            # The head set (hence the names) changes at a target switch: each name is averaged over the
-            # steps that have it, all groups read back in one transfer.
-            groups: dict[tuple[str, ...], list[torch.Tensor]] = {}
-            for names, values, _ in self._window:
-                groups.setdefault(names, []).append(values)
-            flat = torch.cat([torch.stack(v).reshape(-1) for v in groups.values()]).tolist()
             sums: dict[str, list[float]] = {}
-            offset = 0
-            for names, values in groups.items():
-                for j in range(len(values)):
-                    step_values = flat[offset + j * len(names): offset + (j + 1) * len(names)]
-                    for name, x in zip(names, step_values):
-                        sums.setdefault(name, []).append(x)
-                offset += len(values) * len(names)
-            self.last_step = {name: xs[-1] for name, xs in sums.items()}
+            for values in self.window_values():
+                for name, x in values.items():
+                    sums.setdefault(name, []).append(x)
+            self.last_step = dict(self.window_values()[-1])
             row.update({k: sum(xs) / len(xs) for k, xs in sorted(sums.items()) if not k.startswith("_")})
             row["skipped"] = sum(float(w[2]) for w in self._window) / len(self._window)
         row.update(extra)
@@ -89,7 +102,7 @@ class RunLog:
             self._write(THROUGHPUT, {"step": step, **{k: (None if v is None else round(v, 6)) for k, v in speed.items()}})
             for sink in self.sinks:
                 sink.scalars(step, speed, prefix="throughput/")
-        self._window = []
+        self._window, self._host = [], None
         return row
 
     def images(self, step: int, images: dict[str, Path]) -> None:

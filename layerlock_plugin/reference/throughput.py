@@ -53,6 +53,10 @@ class Throughput:
     def _sync(self) -> None:
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)
+        elif self.env.device.type == "xla":
+            from . import xla
+
+            xla.wait()
 
     def start_window(self) -> None:
         self._sync()
@@ -79,7 +83,12 @@ class Throughput:
         out: dict[str, float | None] = {"step_s": dt, "clips_per_s": clips, "tokens_per_s": clips * self.tokens,
                                         "peak_mem_gb": None if peak is None else peak / 2**30}
         if self.peak:
-            out["mfu"] = self._flops / max(self._steps, 1) * self.global_batch / dt / (self.peak * self.env.world_size)
+            devices = self.env.world_size * (self.env.mesh.size() if self.env.mesh is not None else 1)
+            out["mfu"] = self._flops / max(self._steps, 1) * self.global_batch / dt / (self.peak * devices)
+        if self.env.device.type == "xla":
+            from . import xla
+
+            out["xla_compiles"] = xla.compile_count()  # graphs compiled so far: flat between freeze events
         self.start_window()
         return out
 

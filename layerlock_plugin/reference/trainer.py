@@ -119,6 +119,13 @@ class Trainer:
         self.env: DistEnv = setup(cfg.train.strategy, cfg.train.device, cfg.train.dist_timeout_s)
         self.echo = echo if self.env.is_main else (lambda s: None)
         self.device = self.env.device
+        # PyTorch/XLA: no host read inside a step, so the guard's measures are decided at the next log row
+        # or checkpoint (see _decide_guard_late); guard.policy 'skip' is refused there (config).
+        self.guard_deferred = self.device.type == "xla"
+        self._guard_decided = 0  # steps whose guard measures have been decided (deferred mode)
+        if self.guard_deferred and cfg.guard.policy == "skip":
+            raise ConfigError("guard.policy", "'skip' needs a host decision inside every step, which the XLA device "
+                                              "does not make (its guard decides at log steps); use warn, raise or off")
         self.micro_batch = check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.env.world_size)
 
         # what: data, model (wrapped for the strategy before the optimizer exists: FSDP2 replaces the
@@ -182,6 +189,11 @@ class Trainer:
         plan = self.layerlock.begin_step(self.step)  # freezes on schedule, switches the target, LR warmup
         self.parallel.sync(self.layerlock.heads(plan))  # DDP / readouts follow the trainable set
         visible_idx, query_idx = self.masks(video.shape[0], video.device)
+        said = self.parallel.input_sharding is not None
+        video, visible_idx, query_idx = self.parallel.shard_inputs(video, visible_idx, query_idx)  # XLA SPMD
+        if not said and self.parallel.input_sharding is not None:
+            self.echo(f"[xla] spmd over {self.env.mesh.size()} devices: each batch [B, C, T, H, W] sharded as "
+                      f"{self.parallel.input_sharding}, parameters replicated")
         accum, mb = self.config.train.grad_accum, self.micro_batch
         loss_sum, parts_sum, targets, heads = None, None, None, ()
         for i in range(accum):
@@ -196,10 +208,12 @@ class Trainer:
             if self.config.optim.grad_clip > 0 else torch.zeros((), device=self.device)
         guard = self.layerlock.guard_measure(loss_sum, targets)  # on the device, no sync
         names, values = self.reduce(loss_sum, parts_sum, heads, grad_norm, guard)
-        host = values.tolist() if guard is not None else None  # the step's one sync (guard on)
+        host = values.tolist() if guard is not None and not self.guard_deferred else None  # the step's one sync
         if host is not None:
             self._read_flags(dict(zip(names, host)))
             decision = self.layerlock.end_step(measured=host[len(names) - len(MEASURES):])  # same on every rank
+        elif guard is not None:
+            decision = self.layerlock.last_decision  # deferred (XLA): no skip, decided at the next read
         else:
             decision = self.layerlock.end_step(loss_sum)
         self.applied_lr = self.scheduler.get_last_lr()[0] * self.layerlock.warmup_factor(plan)
@@ -208,7 +222,24 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
+        if self.device.type == "xla":
+            from . import xla
+
+            xla.sync()  # the step's graph ends here: one program per plan, reused until the next event
         return StepScalars(names, values, decision.skip)
+
+    def _decide_guard_late(self) -> None:
+        """Deferred guard (XLA): decide every logged step not decided yet, in order, from the host values
+        of the log window (the window's one transfer, shared with the log row)."""
+        if not self.guard_deferred:
+            return
+        window = self.log.window_values()
+        first = self.step - len(window)  # the step index of the window's first entry
+        for i, values in enumerate(window):
+            step = first + i
+            if step >= self._guard_decided and "_guard/nonfinite" in values:
+                self.layerlock.end_step(measured=[values[f"_guard/{m}"] for m in MEASURES], step=step)
+        self._guard_decided = self.step
 
     def reduce(self, loss_sum: torch.Tensor, parts_sum: torch.Tensor, heads: tuple[str, ...], grad_norm: torch.Tensor,
                guard: torch.Tensor | None) -> tuple[tuple[str, ...], torch.Tensor]:
@@ -244,7 +275,7 @@ class Trainer:
         visible_idx, query_idx = visible_idx[rows], query_idx[rows]
         if device.type == "cuda":  # pinned + non_blocking: the copy does not wait for the GPU
             return visible_idx.pin_memory().to(device, non_blocking=True), query_idx.pin_memory().to(device, non_blocking=True)
-        return visible_idx, query_idx
+        return visible_idx.to(device), query_idx.to(device)  # XLA: indices drawn on the CPU, copied in as data
 
     def forward_backward(self, video: torch.Tensor, visible_idx: torch.Tensor, query_idx: torch.Tensor, plan: Plan,
                          last_micro: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -299,6 +330,7 @@ class Trainer:
                     self.log.add_step(out.names, out.values, out.skipped)
                     progress.step()
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps or self.step == end:
+                        self._decide_guard_late()
                         row = self.log.write_row(self.step, {
                             "lr": self.applied_lr, "elapsed_s": round(time.perf_counter() - started, 2),
                             **self.layerlock.metrics()}, self.throughput.end_window())
@@ -443,6 +475,7 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         self._prepare_folder()
+        self._decide_guard_late()  # the checkpoint's guard state covers every step it has trained
         self._last_ckpt_time = time.monotonic()
         return self.checkpointer.save()
 
@@ -474,7 +507,9 @@ class Trainer:
 
             def encode(video: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
-                    return encoder.encode(video.to(self.device))
+                    tokens = encoder.encode(video.to(self.device))
+                # XLA: the probes train on the CPU (their many small steps would each be a new graph)
+                return tokens.cpu() if self.device.type == "xla" else tokens
 
             try:
                 return run_probes(encode, train_set, test_set, encoder.grid, cfg.model.tubelet, cfg.probe)
