@@ -306,8 +306,8 @@ class LayerLock:
         :func:`~layerlock_plugin.integration.skip_update`). With ``measured`` (the host values of
         :meth:`guard_measure`, averaged over ranks) the guard only decides: no collective, no sync. ``step``:
         the step those measures belong to, for a host that reads its step scalars only every few steps
-        (PyTorch/XLA) and decides each past step in order at the read; such a decision can warn, stop or
-        raise, but no longer skip that step's update."""
+        (PyTorch/XLA) and decides each past step in order at the read; such a decision can warn or raise,
+        but no longer skip that step's update."""
         if measured is not None:
             self.last_decision = self.guard.decide(self.plan.step if step is None else step, measured)
         else:

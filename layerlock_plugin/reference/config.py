@@ -95,7 +95,7 @@ class TrainConfig:
     device: str = "cpu"  # cpu | cuda | xla (PyTorch/XLA: TPU) | auto (xla when PJRT_DEVICE is set, else cuda if available)
     # Cluster scale (see layerlock_plugin/reference/distributed.py and parallelize.py).
     strategy: str = "none"  # none (one process) | ddp | fsdp (FSDP2, one unit per block; torchrun) | spmd (XLA)
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (bf16 autocast on GPU and TPU, fp32 on CPU) | fp32 | bf16
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the global batch per step
     activation_checkpointing: bool = False  # recompute trainable blocks in backward (frozen ones store nothing)
     compile: bool = False  # torch.compile each block (expect one recompile per freeze event)

@@ -120,7 +120,7 @@ class Trainer:
         self.echo = echo if self.env.is_main else (lambda s: None)
         self.device = self.env.device
         # PyTorch/XLA: no host read inside a step, so the guard's measures are decided at the next log row
-        # or checkpoint (see _decide_guard_late); guard.policy 'skip' is refused there (config).
+        # or checkpoint (see _decide_guard_late); guard.policy 'skip', which gates its own step, is refused.
         self.guard_deferred = self.device.type == "xla"
         self._guard_decided = 0  # steps whose guard measures have been decided (deferred mode)
         if self.guard_deferred and cfg.guard.policy == "skip":
