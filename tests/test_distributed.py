@@ -297,7 +297,7 @@ def test_strategy_without_process_group_and_unknown_strategy(tmp_path, monkeypat
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ConfigError, match=r"^train\.strategy: 'fsdp' needs a torch.distributed process group.*torchrun"):
         Trainer(tiny_config(tmp_path, "train.strategy=fsdp"))
-    with pytest.raises(ConfigError, match=r"^train\.strategy: must be one of 'none', 'ddp', 'fsdp'; got 'zero3'"):
+    with pytest.raises(ConfigError, match=r"^train\.strategy: must be one of 'none', 'ddp', 'fsdp', 'spmd'; got 'zero3'"):
         tiny_config(tmp_path, "train.strategy=zero3")
     with pytest.raises(ConfigError, match=r"^train\.grad_accum: must divide train\.batch_size=8, got 3"):
         tiny_config(tmp_path, "train.grad_accum=3")
