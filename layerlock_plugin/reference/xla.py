@@ -50,13 +50,6 @@ def device() -> torch.device:
     return _torch_xla().device()
 
 
-def num_devices() -> int:
-    _torch_xla()
-    import torch_xla.runtime as xr
-
-    return xr.global_runtime_device_count()
-
-
 def device_kind() -> str:
     """``TPU``, ``CPU`` (PJRT's CPU device, as in the tests), ...: the PJRT device type."""
     _torch_xla()
