@@ -24,6 +24,10 @@ Writes ``benchmarks/results/reproduction[-TAG].json`` (every run, aggregated mea
 ``.md`` (the table) and ``collapse[-TAG].png`` (collapse statistics of the latent target over time).
 Run folders go to ``runs/bench/reproduction[-TAG]/<variant>-s<seed>``; a run whose folder already holds a
 ``summary.json`` for the same config is read back rather than retrained (delete the folder to redo it).
+
+``--merge-from results/reproduction-TAG.json`` adds the runs of an earlier results file to the table (for a
+method run later in the same protocol: the file's steps and ``--set`` overrides must equal this call's, its
+variants must not be among ``--methods``); the merged file's provenance is kept in the output.
 """
 
 from __future__ import annotations
@@ -196,6 +200,24 @@ def plot_collapse(rows: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def merged_rows(path: Path, steps: int, extra: list[str], methods: list[str]) -> tuple[list[dict], dict]:
+    """The runs of an earlier results file of this study and its provenance, refused (ValueError naming the
+    field) unless it was run with the same steps and extra overrides and none of its variants is re-run."""
+    earlier = json.loads(path.read_text())
+    if earlier.get("study") != "reproduction":
+        raise ValueError(f"--merge-from: {path} is not a reproduction results file")
+    for field, mine in (("steps", steps), ("extra_overrides", extra)):
+        if earlier.get(field) != mine:
+            raise ValueError(f"--merge-from: {path} has {field}={earlier.get(field)!r}, this call {mine!r}; "
+                             "only runs of the same protocol can share a table")
+    clash = sorted(set(earlier["methods"]) & set(methods))
+    if clash:
+        raise ValueError(f"--merge-from: {path} already holds {', '.join(clash)}; leave them out of --methods")
+    info = {"path": str(path), "methods": earlier["methods"], "seeds": earlier["seeds"],
+            "provenance": earlier["provenance"]}
+    return earlier["runs"], {**info, "config_of_first_run": earlier["config_of_first_run"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -214,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="variant the others are compared with per seed (default: the first of --methods)")
     p.add_argument("--collect-only", action="store_true",
                    help="train nothing: tabulate the runs whose folders already hold a finished row.json")
+    p.add_argument("--merge-from", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="add the runs of an earlier results file of the same protocol (steps and --set equal)")
     args = p.parse_args(argv)
 
     methods = args.methods or PAPER_METHODS
@@ -227,6 +251,14 @@ def main(argv: list[str] | None = None) -> int:
              "overrides": run_overrides(v, s, steps, runs / f"{v}-s{s}", extra, args.threads)}
             for s in seeds for v in methods]
     meta = provenance()
+    earlier_rows, merged = [], None
+    if args.merge_from is not None:
+        try:
+            earlier_rows, merged = merged_rows(args.merge_from, steps, extra, methods)
+        except (OSError, ValueError, KeyError) as e:
+            print(e if isinstance(e, ValueError) else f"--merge-from: cannot read {args.merge_from}: {e}",
+                  file=sys.stderr)
+            return 2
     print(f"reproduction: {len(jobs)} runs ({', '.join(methods)} x seeds {seeds}), {steps} steps each, "
           f"{args.jobs} at a time", flush=True)
     if args.collect_only:
@@ -242,6 +274,11 @@ def main(argv: list[str] | None = None) -> int:
             rows = pool.map(run_one, jobs, chunksize=1)
     else:
         rows = [run_one(j) for j in jobs]
+    config_of_first_run = rows[0]["config"]
+    if merged is not None:
+        methods = merged["methods"] + methods
+        rows = earlier_rows + rows
+        print(f"merged {len(earlier_rows)} runs ({', '.join(merged['methods'])}) from {args.merge_from}")
     reference = args.reference or methods[0]
     table = aggregate(rows, methods, reference)
     diffs = paired_table(rows, methods, reference, "variant", [k for k, _, _ in METRICS])
@@ -249,9 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"study": "reproduction", "provenance": meta, "steps": steps, "methods": methods, "seeds": seeds,
                "extra_overrides": extra, "reference": reference, "table": table, "differences": diffs,
                "runs": [{k: v for k, v in r.items() if k != "config"} for r in rows],
-               "config_of_first_run": rows[0]["config"]}
+               "config_of_first_run": config_of_first_run}
+    if merged is not None:
+        payload["merged_from"] = merged
     write_json(results / f"reproduction{suffix}.json", payload)
     md = markdown(table, diffs, reference, steps, meta)
+    if merged is not None:
+        prov = merged["provenance"]
+        md += (f"\nRuns of {', '.join(merged['methods'])} merged from {merged['path']} "
+               f"({prov.get('date_utc')}, `{prov.get('command')}`, {prov.get('layerlock_plugin')}).\n")
     (results / f"reproduction{suffix}.md").write_text(md)
     plot_collapse(rows, results / f"collapse{suffix}.png")
     print(md)

@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % max(1, steps // 6) == 0:
             recent = losses[-50:]
             curve.append({"step": step + 1, "train_loss": sum(recent) / len(recent),

@@ -103,6 +103,18 @@ def test_reproduction_quick(tmp_path):
     assert 0 < freeze["train_flops_ratio"] < 1 and all(r["train_flops"] > 0 for r in res["runs"])
     # a second call reads the finished runs back instead of training again
     assert rep.main(args + ["--collect-only"]) == 0
+    # a method run later joins the earlier table, compared with the same MAE runs
+    quick_json = tmp_path / "reproduction-quick.json"
+    later = ["--quick", "--steps", "12", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs"),
+             "--methods", "layerlock-no-warmup", "--tag", "merged", "--merge-from", str(quick_json)]
+    assert rep.main(later) == 0
+    merged = _outputs(tmp_path, "reproduction-merged")
+    assert list(merged["table"]) == rep.PAPER_METHODS + ["layerlock-no-warmup", "random init"]
+    assert merged["reference"] == "mae" and "layerlock-no-warmup" in merged["differences"]
+    assert merged["table"]["mae"] == res["table"]["mae"] and merged["merged_from"]["methods"] == rep.PAPER_METHODS
+    # another protocol (steps) or a variant the file already holds is refused with exit 2
+    assert rep.main([*later[:2], "13", *later[3:]]) == 2
+    assert rep.main([*later[:8], "mae", *later[9:]]) == 2
 
 
 @pytest.mark.timeout(240)
