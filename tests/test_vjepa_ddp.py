@@ -125,6 +125,8 @@ def _vjepa2_worker(rank: int, world: int, port: int) -> None:
         assert out["layerlock"].plan.num_frozen == 2 and all(torch.isfinite(torch.tensor(out["losses"])))
         assert _same_on_all_ranks(out["encoder"].module) and _same_on_all_ranks(out["target_encoder"])
         assert _same_on_all_ranks(out["predictor"].module)
+        del out  # the wrappers go before the group (see _worker)
+        gc.collect()
     finally:
         dist.destroy_process_group()
 
