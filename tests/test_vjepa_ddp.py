@@ -3,8 +3,9 @@
 changed line) rebuilds at each freeze event and 2 ranks stay in sync.
 
 The break is shown in a process group of its own with one rank: the error is the reducer's own bookkeeping
-(the static graph expected the frozen parameters' gradients), the same with any number of ranks, and a reducer
-left mid-iteration must not share a process group, or a process, with the checks that follow it."""
+(the static graph expected the frozen parameters' gradients), the same with any number of ranks, and a
+reducer left mid-iteration is kept away from the 2-rank checks. Each worker releases its wrappers before
+destroying the group: gloo work still alive at interpreter exit can abort a process."""
 
 from __future__ import annotations
 
