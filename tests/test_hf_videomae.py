@@ -266,3 +266,26 @@ def test_missing_extra_names_it(monkeypatch, missing):
         monkeypatch.delitem(sys.modules, name)
     with pytest.raises(MissingDependencyError, match=r'pip install "layerlock-plugin\[hf\]"'):
         importlib.import_module("layerlock_plugin.adapters.huggingface")
+
+
+def test_ddp_without_find_unused_parameters_is_refused_with_the_fix(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from layerlock_plugin.adapters.huggingface import LayerLockCallback
+
+    trainer = make_trainer(tiny_model(), tmp_path)
+    callback = LayerLockCallback(trainer)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        for find_unused in (True, False):
+            trainer.model_wrapped = DistributedDataParallel(torch.nn.Linear(2, 2), find_unused_parameters=find_unused)
+            if find_unused:
+                callback.on_train_begin(trainer.args, trainer.state, trainer.control)
+            else:
+                with pytest.raises(ConfigError, match="must be True under DDP") as info:
+                    callback.on_train_begin(trainer.args, trainer.state, trainer.control)
+                assert info.value.field == "TrainingArguments.ddp_find_unused_parameters"
+        trainer.model_wrapped = None
+    finally:
+        dist.destroy_process_group()
