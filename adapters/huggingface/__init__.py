@@ -18,6 +18,7 @@ require_transformers()
 
 from .trainer import STATE_FILE, LayerLockCallback, LayerLockTrainer  # noqa: E402
 from .videomae import LayerLockVideoMAEForPreTraining, VideoMAEEncoder, videomae_pixel_targets  # noqa: E402
+from .vjepa2 import HFVJEPA2Encoder, vjepa2_predict  # noqa: E402
 
-__all__ = ["STATE_FILE", "TESTED_RANGE", "LayerLockCallback", "LayerLockTrainer", "LayerLockVideoMAEForPreTraining",
-           "VideoMAEEncoder", "check_transformers_version", "require_transformers", "videomae_pixel_targets"]
+__all__ = ["STATE_FILE", "TESTED_RANGE", "HFVJEPA2Encoder", "LayerLockCallback", "LayerLockTrainer", "LayerLockVideoMAEForPreTraining",
+           "VideoMAEEncoder", "check_transformers_version", "require_transformers", "videomae_pixel_targets", "vjepa2_predict"]
