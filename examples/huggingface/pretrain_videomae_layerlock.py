@@ -75,13 +75,13 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     model = LayerLockVideoMAEForPreTraining(config)  # [LayerLock] was VideoMAEForPreTraining(config)
     steps = args.max_steps
-    torchrun_on_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    on_gpu, torchrun = torch.cuda.is_available(), int(os.environ.get("WORLD_SIZE", "1")) > 1
     training_args = TrainingArguments(
         output_dir=args.output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
         learning_rate=1e-3, weight_decay=0.05, warmup_steps=max(1, steps // 20), lr_scheduler_type="cosine",
         logging_steps=max(1, steps // 10), save_strategy="steps", save_steps=max(1, steps // 5), report_to="none",
-        seed=0, disable_tqdm=args.quiet, ddp_backend="gloo" if torchrun_on_cpu else None,
-        dataloader_pin_memory=torch.cuda.is_available())
+        seed=0, disable_tqdm=args.quiet, dataloader_pin_memory=on_gpu,
+        use_cpu=not on_gpu, ddp_backend="gloo" if torchrun and not on_gpu else None)  # CPU torchrun: DDP over gloo
     layerlock = LayerLockConfig(  # [LayerLock] freeze a block every 15% of the run after a 40% pixel phase
         schedule=ScheduleConfig(pixel_steps=max(1, steps * 2 // 5), interval=max(1, steps * 3 // 20), max_frozen=3),  # [LayerLock]
         warmup=WarmupConfig(steps=max(1, steps // 30))).with_method(args.method)  # [LayerLock]
