@@ -235,6 +235,19 @@ def test_bad_models_and_configs_are_refused_before_training(tmp_path):
     with pytest.raises(ConfigError) as info:
         make_trainer(tiny_model(), tmp_path, {"schedule": {"interval": 0}})  # the plain-dict form
     assert info.value.field == "schedule.interval"
+    with pytest.raises(ConfigError) as info:  # pixel targets are VideoMAE's own: config.norm_pix_loss decides
+        make_trainer(tiny_model(), tmp_path, LayerLockConfig.from_dict({"target": {"kind": "pixels", "normalize_pixels": False}}))
+    assert info.value.field == "target.normalize_pixels"
+
+
+def test_an_optimizer_without_the_readouts_is_refused(tmp_path):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.videomae.parameters(), lr=1e-3)
+    trainer = LayerLockTrainer(model=model, args=training_args(tmp_path), train_dataset=Clips(), layerlock=ll_config(),
+                               optimizers=(optimizer, None))
+    with pytest.raises(ConfigError, match=r"does not hold the readouts \['pixels', 'layer_1'") as info:
+        trainer.train()
+    assert info.value.field == "optimizers"
 
 
 def test_bool_masked_pos_with_unequal_counts_is_refused_before_any_update(tmp_path):
