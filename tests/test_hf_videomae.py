@@ -109,7 +109,8 @@ class OptimizerLoadProbe(LayerLockTrainer):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """The uninterrupted run, with TensorBoard logging (``report_to``) and a snapshot of each freeze event."""
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # set up before the function-scoped one_thread fixture
     root = tmp_path_factory.mktemp("hf")
     model = tiny_model()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -117,6 +118,7 @@ def run(tmp_path_factory):
     snapshots = {}
     trainer.layerlock.on_event(lambda e: snapshots.setdefault(e.step, {k: v.clone() for k, v in model.state_dict().items()}))
     trainer.train()
+    torch.set_num_threads(threads)
     return dict(root=root, model=model, trainer=trainer, initial=initial, snapshots=snapshots)
 
 
@@ -267,9 +269,11 @@ def test_bool_masked_pos_with_unequal_counts_is_refused_before_any_update(tmp_pa
 
 
 def test_transformers_outside_the_tested_range_is_refused():
-    with pytest.raises(MissingDependencyError, match=r"transformers>=5\.0,<6.*found 4\.57\.1.*layerlock-plugin\[hf\]"):
-        check_transformers_version("4.57.1")
+    for version in ("4.57.1", "5.16.1", "6.0.0"):
+        with pytest.raises(MissingDependencyError, match=rf"transformers>=5\.17,<6.*found transformers {version}.*layerlock-plugin\[hf\]"):
+            check_transformers_version(version)
     check_transformers_version("5.17.0")
+    check_transformers_version("5.25.0.dev0")
 
 
 @pytest.mark.parametrize("missing", ["transformers", "accelerate"])
@@ -302,3 +306,23 @@ def test_ddp_without_find_unused_parameters_is_refused_with_the_fix(tmp_path):
         trainer.model_wrapped = None
     finally:
         dist.destroy_process_group()
+
+
+def test_gradient_accumulation_plans_per_optimizer_step(tmp_path):
+    """Two micro-batches per optimizer step: both see the plan of that step (begin_step runs once per step), and
+    the micro-batch index (part of the mask seed) restarts at every step."""
+    model = tiny_model()
+    trainer = LayerLockTrainer(model=model, args=training_args(tmp_path, max_steps=5, per_device_train_batch_size=2,
+                                                               gradient_accumulation_steps=2, save_strategy="no"),
+                               train_dataset=Clips(), layerlock=ll_config(max_frozen=1), mask_ratio=0.5, verbose=False)
+    seen = []
+    original = trainer.compute_loss
+
+    def spy(model, inputs, **kw):
+        seen.append((trainer.state.global_step, trainer.micro_batch, trainer.layerlock.plan.num_frozen))
+        return original(model, inputs, **kw)
+
+    trainer.compute_loss = spy
+    trainer.train()
+    assert seen == [(s, m, int(s >= 3)) for s in range(5) for m in (0, 1)]
+    assert [(e.step, e.num_frozen) for e in trainer.events] == [(3, 1)]

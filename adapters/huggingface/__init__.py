@@ -8,8 +8,8 @@
 * :mod:`.vjepa2`: ``VJEPA2Model``'s encoder as a layered encoder and the context / predictor passes that
   :class:`~layerlock_plugin.adapters.vjepa.LayerLockAdapter` needs.
 
-Install: ``pip install "layerlock-plugin[hf]"`` (transformers 5.x and accelerate); another transformers
-major version is refused at import, naming the tested range.
+Install: ``pip install "layerlock-plugin[hf]"`` (transformers>=5.17,<6 and accelerate); another
+transformers version is refused at import, naming the tested range.
 """
 
 from ._compat import TESTED_RANGE, check_transformers_version, require_transformers
