@@ -44,8 +44,8 @@ from _common import RESULTS, count_plan_flops, mean_std, provenance, run_flops, 
 
 from layerlock_plugin.reference.config import load_config  # noqa: E402
 from layerlock_plugin.reference.plots import plot_adaptive_signals  # noqa: E402
-from layerlock_plugin.reference.run_folder import read_jsonl  # noqa: E402
-from layerlock_plugin.reference.trainer import Trainer  # noqa: E402
+from layerlock_plugin.reference.train.run_folder import read_jsonl  # noqa: E402
+from layerlock_plugin.reference.train import Trainer  # noqa: E402
 
 SCHEDULES = ["explicit", "too-early", "too-late", "adaptive"]
 METRICS = [("motion_acc", "motion acc", True), ("appearance_acc", "appearance acc", True),

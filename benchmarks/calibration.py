@@ -1,7 +1,7 @@
 """Calibration ladder of the frozen-feature probes: features of known quality, probed like an encoder.
 
 A probe is only evidence once it ranks features whose quality is known. Every rung goes through the
-trainer's own probes (``layerlock_plugin.reference.probes.run_probes`` with the config's probe section:
+trainer's own probes (``layerlock_plugin.reference.eval.run_probes`` with the config's probe section:
 linear, attentive and k-NN classifiers, ridge depth) on the config's data:
 
 * ``raw pixels``: each tubelet's pixels as its token;
@@ -42,13 +42,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_run_args, figure, provenance, run_jobs, save_figure, start_run, write_json  # noqa: E402
 
 from layerlock_plugin.checkpoint import load_checkpoint  # noqa: E402
-from layerlock_plugin.reference.calibration import (  # noqa: E402
+from layerlock_plugin.reference.eval.calibration import (  # noqa: E402
     SUPERVISED_LRS, SupervisedEncoder, held_out_split, motion_tokens, pixel_tokens, supervised_accuracy,
     train_supervised)
 from layerlock_plugin.reference.config import RunConfig, build_config, load_config  # noqa: E402
 from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
 from layerlock_plugin.reference.model import VideoMAE  # noqa: E402
-from layerlock_plugin.reference.probes import run_probes  # noqa: E402
+from layerlock_plugin.reference.eval import run_probes  # noqa: E402
 
 TASKS = ("motion", "appearance")
 KINDS = ("linear", "attentive", "knn")

@@ -35,8 +35,8 @@ from layerlock_plugin.collapse import feature_stats  # noqa: E402
 from layerlock_plugin.reference.config import build_config, load_config  # noqa: E402
 from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
 from layerlock_plugin.reference.model import VideoMAE  # noqa: E402
-from layerlock_plugin.reference.probes import run_probes  # noqa: E402
-from layerlock_plugin.reference.trainer import Trainer  # noqa: E402
+from layerlock_plugin.reference.eval import run_probes  # noqa: E402
+from layerlock_plugin.reference.train import Trainer  # noqa: E402
 
 KEYS = ("motion_acc", "appearance_acc", "dense_r2")
 

@@ -65,7 +65,7 @@ from _common import add_run_args, figure, provenance, save_figure, start_run, wr
 from layerlock_plugin.masking import num_masked, random_masking  # noqa: E402
 from layerlock_plugin.reference.config import load_config  # noqa: E402
 from layerlock_plugin.reference.model import ModelConfig, VideoMAE  # noqa: E402
-from layerlock_plugin.reference.trainer import Trainer  # noqa: E402
+from layerlock_plugin.reference.train import Trainer  # noqa: E402
 from layerlock_plugin.targets import gather_tokens, pixel_targets  # noqa: E402
 
 #: model sizes: name -> (model overrides, batch size)
@@ -302,7 +302,7 @@ def plugin_overhead(size: str, reps: int, tmp: Path) -> dict[str, Any]:
         tr = build_trainer(size, "layerlock", tmp / f"{size}-overhead", ["schedule.pixel_steps=100000"])
     video = sample_video(tr)
     model, opt = copy.deepcopy(tr.model), None
-    from layerlock_plugin.reference.optim import cosine_with_warmup, param_groups
+    from layerlock_plugin.reference.train.optim import cosine_with_warmup, param_groups
 
     c = tr.config.optim
     opt = torch.optim.AdamW(param_groups(model, c.weight_decay), lr=c.lr, betas=tuple(c.betas))

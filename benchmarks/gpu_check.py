@@ -91,7 +91,7 @@ def worker_train(out: Path, device: str, strategy: str) -> dict[str, Any]:
     import torch
 
     from layerlock_plugin.reference.config import load_config
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     devices: list[str] = []
     _record_collectives(devices)
@@ -133,7 +133,7 @@ def worker_resume(out: Path, device: str) -> dict[str, Any]:
     import torch
 
     from layerlock_plugin.reference.config import load_config
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     sets = _sets(device, "train.strategy=fsdp")
     full = Trainer(load_config(None, [f"out_dir={out / 'full'}", *sets]), echo=lambda s: None)
@@ -151,7 +151,7 @@ def worker_compile(out: Path, device: str) -> dict[str, Any]:
     import torch._dynamo
 
     from layerlock_plugin.reference.config import load_config
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     torch._dynamo.reset()
     trainer = Trainer(load_config(None, [f"out_dir={out / 'compile'}", *_sets(device, "train.compile=true")]),
@@ -171,8 +171,8 @@ def worker_efficiency(out: Path, device: str, steps: int) -> dict[str, Any]:
 
     from layerlock_plugin.reference.config import load_config
     from layerlock_plugin.reference.dryrun import step_flops
-    from layerlock_plugin.reference.throughput import device_peak_tflops
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train.throughput import device_peak_tflops
+    from layerlock_plugin.reference.train import Trainer
 
     model = GPU_EFFICIENCY if device == "cuda" else CPU_EFFICIENCY
     precision = "bf16" if device == "cuda" else "fp32"

@@ -40,7 +40,8 @@ import torch  # noqa: E402
 from layerlock_plugin.masking import random_masking  # noqa: E402
 from layerlock_plugin.reference.config import load_config  # noqa: E402
 from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
-from layerlock_plugin.reference.trainer import StepBatchSampler, Trainer  # noqa: E402
+from layerlock_plugin.reference.data import StepBatchSampler  # noqa: E402
+from layerlock_plugin.reference.train import Trainer  # noqa: E402
 from layerlock_plugin.targets import gather_tokens, pixel_targets  # noqa: E402
 
 QUICK_SETS = ["data.num_videos=32", "train.batch_size=4"]

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, mean_std, provenance, run_jobs, write_json  # noqa: E402
 
 from layerlock_plugin.reference.config import load_config  # noqa: E402
-from layerlock_plugin.reference.trainer import Trainer, read_jsonl  # noqa: E402
+from layerlock_plugin.reference.train import Trainer, read_jsonl  # noqa: E402
 
 #: candidate name -> overrides of the packaged tiny config
 CANDIDATES: dict[str, list[str]] = {

@@ -1,6 +1,6 @@
 """Small-scale reproduction of the paper's comparison: same model, data and step budget, several seeds.
 
-Every run is the reference trainer (``layerlock_plugin.reference.trainer.Trainer``) on the packaged tiny
+Every run is the reference trainer (``layerlock_plugin.reference.train.Trainer``) on the packaged tiny
 config (6-block video ViT, 4 encoder + 2 decoder blocks, embedded moving-digits videos) with only the
 method, the seed, the step budget and explicit ``--set`` overrides changed; probes on (attentive motion /
 appearance probes, ridge depth probe on frozen encoder tokens). The evaluation is the trainer's own and
@@ -50,8 +50,8 @@ from _common import (  # noqa: E402
 from layerlock_plugin.collapse import feature_stats  # noqa: E402
 from layerlock_plugin.reference.config import load_config  # noqa: E402
 from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
-from layerlock_plugin.reference.run_folder import read_jsonl  # noqa: E402
-from layerlock_plugin.reference.trainer import Trainer  # noqa: E402
+from layerlock_plugin.reference.train.run_folder import read_jsonl  # noqa: E402
+from layerlock_plugin.reference.train import Trainer  # noqa: E402
 
 #: variant name -> (trainer method, extra overrides)
 VARIANTS: dict[str, tuple[str, list[str]]] = {

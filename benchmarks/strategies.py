@@ -56,7 +56,7 @@ def _local_bytes(t: torch.Tensor) -> int:
 
 def measure(strategy: str, depth: int, steps: int, batch: int, out: Path) -> dict:
     """Train ``steps`` steps at a fixed frozen depth; time the last ones; count training memory."""
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     trainer = Trainer(_config(strategy, depth, steps, batch, out / f"{strategy}_{depth}"), overwrite=True,
                       echo=lambda s: None)

@@ -1,7 +1,7 @@
 """Can the reference architecture learn the probe tasks from their labels? The supervised rung's recipe.
 
 The calibration ladder (``benchmarks/calibration.py``) needs an encoder trained on the labels that beats
-random init. This study trains :class:`~layerlock_plugin.reference.calibration.SupervisedEncoder` (the
+random init. This study trains :class:`~layerlock_plugin.reference.eval.calibration.SupervisedEncoder` (the
 packaged tiny architecture, mean-pooled tokens -> LayerNorm -> linear) with the pretraining optimizer
 schedule (AdamW, warmup then cosine, gradient clipping) at a given peak learning rate on the first
 ``--clips`` train clips (batches drawn with replacement), and every sixth of the run reports the
@@ -31,10 +31,10 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import add_run_args, provenance, start_run, write_json  # noqa: E402
 
-from layerlock_plugin.reference.calibration import SupervisedEncoder  # noqa: E402
+from layerlock_plugin.reference.eval.calibration import SupervisedEncoder  # noqa: E402
 from layerlock_plugin.reference.config import load_config  # noqa: E402
 from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
-from layerlock_plugin.reference.optim import cosine_with_warmup, param_groups  # noqa: E402
+from layerlock_plugin.reference.train.optim import cosine_with_warmup, param_groups  # noqa: E402
 
 QUICK_SETS = ["data.num_videos=48", "data.num_test_videos=32"]
 

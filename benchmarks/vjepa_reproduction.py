@@ -10,7 +10,7 @@ the 4 blocks, at 1/3 and 2/3 of the run, so the target is block 1, 1, then 2). O
 method and the seed differ between runs.
 
 Evaluation (identical for both methods): the project's probes
-(``layerlock_plugin.reference.probes.run_probes``: attentive motion / appearance probes, ridge depth probe)
+(``layerlock_plugin.reference.eval.run_probes``: attentive motion / appearance probes, ridge depth probe)
 on the tokens ``[B, 32, 48]`` of the final *target* (EMA) encoder — the encoder V-JEPA's own evaluations
 load (``checkpoint_key='target_encoder'``) — on the same digits config the runs trained on.
 
@@ -44,7 +44,7 @@ from _common import RESULTS, aggregate_seeds, paired_markdown, paired_table, pro
 
 from layerlock_plugin.collapse import feature_stats  # noqa: E402
 from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
-from layerlock_plugin.reference.probes import ProbeConfig, run_probes  # noqa: E402
+from layerlock_plugin.reference.eval import ProbeConfig, run_probes  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "vjepa" / "train_layerlock_vjepa.py"
 METHODS = ["vjepa", "layerlock"]

@@ -238,7 +238,7 @@ TINY = [
 
 def _trainer(tmp_path, *extra, stop_after=None, resume=None):
     from layerlock_plugin.reference.config import load_config
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     torch.manual_seed(123)
     trainer = Trainer(load_config(None, [f"out_dir={tmp_path}", *TINY, *extra]), resume=resume, echo=lambda s: None)

@@ -85,7 +85,7 @@ def test_a_repeated_signal_after_the_stop_finished_does_not_kill_the_process(sig
     """The scheduler's repeat can arrive after the run stopped (a fast step and checkpoint) while the process
     still writes its summary: it must not die from the signal's default action then."""
     code = ("import os, signal\n"
-            "from layerlock_plugin.reference.stop import StopRequest\n"
+            "from layerlock_plugin.reference.train.stop import StopRequest\n"
             f"with StopRequest() as stop:\n    os.kill(os.getpid(), {int(sig)})\n"
             f"assert stop.requested\nos.kill(os.getpid(), {int(sig)})\nprint('still alive')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
@@ -104,9 +104,9 @@ def test_a_signal_at_start_up_stops_after_the_first_step(tmp_path):
 
 
 def test_a_signal_during_a_checkpoint_write_stops_after_the_next_step(tmp_path, monkeypatch):
-    from layerlock_plugin.reference import checkpointing
+    from layerlock_plugin.reference.train import checkpointing
     from layerlock_plugin.reference.config import load_config
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     sets = [s for s in tiny_args(*LONG)[1::2] if "=" in s]
     trainer = Trainer(load_config(None, [f"out_dir={tmp_path / 'run'}", *sets, "probe.enabled=false"]), echo=lambda s: None)
@@ -190,7 +190,7 @@ def test_keep_last_keeps_the_newest_checkpoints(tmp_path):
 
 def test_time_based_checkpoints(tmp_path, monkeypatch):
     from layerlock_plugin.reference.config import load_config
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     sets = [s for s in tiny_args()[1::2] if "=" in s]
     trainer = Trainer(load_config(None, [f"out_dir={tmp_path}", *sets, "train.steps=6", "train.ckpt_every=100",
@@ -219,7 +219,7 @@ def test_tensorboard_scalars_and_plots_with_the_applied_lr(tmp_path):
     lr = {e.step: e.value for e in acc.Scalars("lr")}
     assert lr[7] == pytest.approx(metrics[7]["lr"], rel=1e-6)
     # step 7 is the step after the switch at step 6: the scheduler's LR times the warmup ramp
-    from layerlock_plugin.reference.optim import cosine_with_warmup
+    from layerlock_plugin.reference.train.optim import cosine_with_warmup
 
     scheduled = 1.5e-3 * cosine_with_warmup(24, 3, 0.1)(6)
     assert metrics[7]["lr"] == pytest.approx(scheduled * metrics[7]["layerlock/warmup_factor"], rel=1e-9)
@@ -246,7 +246,7 @@ def test_a_missing_wandb_is_refused_naming_the_extra(tmp_path, monkeypatch):
     import importlib.util
 
     from layerlock_plugin.errors import ConfigError
-    from layerlock_plugin.reference import metric_sinks
+    from layerlock_plugin.reference.train import metric_sinks
     from layerlock_plugin.reference.config import load_config
 
     real = importlib.util.find_spec

@@ -13,7 +13,7 @@ import logging
 import pytest
 
 from layerlock_plugin.reference.config import load_config
-from layerlock_plugin.reference.trainer import Trainer
+from layerlock_plugin.reference.train import Trainer
 
 BUDGET = [
     "train.steps=300", "train.batch_size=16", "data.num_videos=256", "schedule.pixel_steps=50",

@@ -66,7 +66,7 @@ def _fork_and_copy(root: Path, cfg, final: dict[str, torch.Tensor]) -> dict:
     import torch.distributed as dist
 
     from cli_helpers import checksums
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     source = root / "ddp_part"
     if dist.get_rank() == 0:
@@ -87,7 +87,7 @@ def _fork_and_copy(root: Path, cfg, final: dict[str, torch.Tensor]) -> dict:
 def _worker(root: Path) -> None:
     import torch.distributed as dist
 
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     quiet = dict(echo=lambda s: None)
     dist.init_process_group("gloo")
@@ -167,7 +167,7 @@ def runs(tmp_path_factory):
     """The one-process reference (in this process) and the 2-process report (one torchrun launch)."""
     root = tmp_path_factory.mktemp("dist")
     torch.manual_seed(123)
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     Trainer(tiny_config(root / "one"), echo=lambda s: None).fit()
     Trainer(tiny_config(root / "one_accum", *ACCUM), echo=lambda s: None).fit()
@@ -236,7 +236,7 @@ def test_dcp_run_resumes_in_its_copy_and_forks_without_touching_the_source(runs)
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
 def test_consolidated_encoder_export(runs, name):
     """encoder.pt is one file with the full (unsharded) encoder weights the run ended with."""
-    from layerlock_plugin.reference.dcp import load_encoder
+    from layerlock_plugin.reference.parallel.dcp import load_encoder
 
     root, report = runs
     model = load_encoder(root / f"{name}_full" / "encoder.pt")
@@ -269,8 +269,8 @@ def test_distributed_bad_input_errors(runs):
 
 @pytest.mark.timeout(480)
 def test_partial_dcp_checkpoint_refused(runs, tmp_path):
-    from layerlock_plugin.reference import dcp
-    from layerlock_plugin.reference.trainer import config_from_checkpoint
+    from layerlock_plugin.reference.parallel import dcp
+    from layerlock_plugin.reference.train import config_from_checkpoint
 
     root, _ = runs
     run = tmp_path / "run"
@@ -284,14 +284,14 @@ def test_partial_dcp_checkpoint_refused(runs, tmp_path):
     with pytest.raises(CheckpointError, match="no complete distributed checkpoint"):
         dcp.resolve(run)
     # a one-process run cannot load it (and says how to)
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     with pytest.raises(CheckpointError, match="train.strategy=ddp or fsdp"):
         Trainer(tiny_config(tmp_path / "x"), resume=root / "ddp_part", echo=lambda s: None)
 
 
 def test_strategy_without_process_group_and_unknown_strategy(tmp_path, monkeypatch):
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)

@@ -51,7 +51,7 @@ class HostReads:
 
 
 def _trainer(tmp_path, *extra):
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     return Trainer(load_config(None, [f"out_dir={tmp_path}", *TINY, *extra]), echo=lambda s: None)
 
@@ -72,7 +72,7 @@ def test_a_training_step_reads_the_device_at_most_once(tmp_path, monkeypatch, ex
 
 
 def test_logging_reads_the_device_once_per_log_row_not_per_step(tmp_path, monkeypatch):
-    from layerlock_plugin.reference.run_log import RunLog
+    from layerlock_plugin.reference.train.run_log import RunLog
 
     log = RunLog(tmp_path, enabled=True)
     names = ("loss", "loss/pixels", "grad_norm", "_stop", "_ckpt_due")
@@ -85,7 +85,7 @@ def test_logging_reads_the_device_once_per_log_row_not_per_step(tmp_path, monkey
 
 
 def test_the_process_group_of_a_gpu_run_has_gloo_for_cpu_tensors(monkeypatch):
-    from layerlock_plugin.reference import distributed
+    from layerlock_plugin.reference.parallel import distributed
 
     created = {}
     for var, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "localhost"), ("MASTER_PORT", "1")):
@@ -105,7 +105,7 @@ def test_the_process_group_of_a_gpu_run_has_gloo_for_cpu_tensors(monkeypatch):
 
 
 def test_checkpoints_carry_the_cuda_generator_of_a_gpu_run(monkeypatch):
-    from layerlock_plugin.reference.checkpointing import restore_rng, rng_state
+    from layerlock_plugin.reference.train.checkpointing import restore_rng, rng_state
 
     cuda_state = torch.arange(16, dtype=torch.uint8)
     restored = {}

@@ -8,7 +8,7 @@ import torch
 from einops import rearrange
 
 from layerlock_plugin.errors import ConfigError
-from layerlock_plugin.reference.probes import (
+from layerlock_plugin.reference.eval import (
     AttentiveProbes,
     ProbeConfig,
     attentive_inputs,
@@ -564,7 +564,7 @@ def test_random_init_baseline_is_the_runs_own_initial_encoder(tmp_path, method):
     """The baseline is the run's model at its seed before any training step (with the latent readouts
     the method adds: building them draws from the RNG), and differs from another seed's."""
     from layerlock_plugin.reference.config import load_config
-    from layerlock_plugin.reference.trainer import Trainer
+    from layerlock_plugin.reference.train import Trainer
 
     sets = [f"out_dir={tmp_path}", *TRAINER_SETS, f"method={method}", "seed=3",
             "schedule.pixel_steps=2", "schedule.interval=1", "schedule.max_frozen=2"]
@@ -611,7 +611,7 @@ def test_probe_ladder_orders_features_of_known_quality():
     """On the embedded digits (small splits, 4 directions): hand-made motion features read motion far
     above chance, position-blind pooled raw pixels do not (the data is built so), and an encoder of the
     reference architecture trained on the motion labels beats its own random init on motion."""
-    from layerlock_plugin.reference.calibration import motion_tokens, pixel_tokens, train_supervised
+    from layerlock_plugin.reference.eval.calibration import motion_tokens, pixel_tokens, train_supervised
     from layerlock_plugin.reference.config import load_config
     from layerlock_plugin.reference.data import DigitsVideoDataset
 

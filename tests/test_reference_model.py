@@ -9,7 +9,7 @@ from layerlock_plugin.encoder import as_layered_encoder
 from layerlock_plugin.errors import ConfigError
 from layerlock_plugin.masking import random_masking
 from layerlock_plugin.reference.model import ModelConfig, VideoMAE
-from layerlock_plugin.reference.rope import RoPE3D, sincos_pos_embed_3d
+from layerlock_plugin.reference.model.rope import RoPE3D, sincos_pos_embed_3d
 
 GRID = (4, 4, 4)  # the tiny preset's token grid
 

@@ -11,7 +11,8 @@ from layerlock_plugin.checkpoint import load_checkpoint
 from layerlock_plugin.errors import CheckpointError, ConfigError
 from layerlock_plugin.reference.cli import main
 from layerlock_plugin.reference.config import load_config
-from layerlock_plugin.reference.trainer import StepBatchSampler, Trainer
+from layerlock_plugin.reference.data import StepBatchSampler
+from layerlock_plugin.reference.train import Trainer
 
 TINY = [
     "data.num_videos=64", "train.batch_size=8", "train.steps=24", "train.log_every=2", "train.ckpt_every=100",

@@ -38,7 +38,7 @@ def test_auto_without_PJRT_DEVICE_stays_off_xla(tmp_path, monkeypatch):
 
 
 def test_only_the_xla_module_imports_torch_xla_and_only_inside_functions():
-    """The core, the adapters and the CPU / GPU trainer never import torch_xla; ``reference/xla.py`` does
+    """The core, the adapters and the CPU / GPU trainer never import torch_xla; ``reference/parallel/xla.py`` does
     it lazily, when a run asks for the XLA device."""
     importers = []
     for path in sorted((ROOT / "layerlock_plugin").rglob("*.py")) + sorted((ROOT / "adapters").rglob("*.py")):
@@ -48,5 +48,5 @@ def test_only_the_xla_module_imports_torch_xla_and_only_inside_functions():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             if any(n == "torch_xla" or n.startswith("torch_xla.") for n in names):
                 importers.append((path.relative_to(ROOT).as_posix(), node.col_offset))
-    assert importers and {p for p, _ in importers} == {"layerlock_plugin/reference/xla.py"}
+    assert importers and {p for p, _ in importers} == {"layerlock_plugin/reference/parallel/xla.py"}
     assert all(col > 0 for _, col in importers), "torch_xla imported at module level"

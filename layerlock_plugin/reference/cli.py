@@ -1,10 +1,35 @@
 """``layerlock-train``: the reference trainer's command line.
 
-Run folders (see :mod:`.run_folder`): a new run goes into ``--out`` (a fresh ``runs/<method>-<time>``
+Run folders (see :mod:`.train.run_folder`): a new run goes into ``--out`` (a fresh ``runs/<method>-<time>``
 when omitted), which must be new or empty unless ``--overwrite``; ``--resume RUN`` continues RUN in RUN
 and writes nowhere else; ``--resume RUN --out NEW`` forks the resumed state into NEW. A resume keeps the
 run's budget: ``--stop-after N`` stops early keeping the schedule, ``--extend N`` trains to N steps and
 says how the LR schedule changes. Bad input exits with code 2 and one line naming the field.
+
+Single process (CPU or one GPU)::
+
+    layerlock-train                                   # the main job: tiny model, embedded data
+    layerlock-train --method mae --out runs/mae       # the pixel baseline on the same budget
+    layerlock-train --resume runs/demo                # continue a stopped run, in its folder
+
+Several processes (torchrun; ``train.batch_size`` is the GLOBAL batch of one optimizer step)::
+
+    # one node, 2 processes (gloo on CPU, NCCL with one GPU per process)
+    torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli \
+        --set train.strategy=ddp --out runs/ddp            # or train.strategy=fsdp
+    # the console script works too
+    torchrun --standalone --nproc_per_node=8 --no-python layerlock-train --config vit_l --set train.device=cuda
+    # multi-node: the same command on every node (rendezvous on the first node's host)
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \
+        --rdzv_id=$JOB_ID -m layerlock_plugin.reference.cli --config vit_g --set train.strategy=fsdp
+    # SLURM: one torchrun per node, srun starts them
+    srun --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 bash -c 'torchrun --nnodes=$SLURM_NNODES \
+        --nproc_per_node=8 --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID \
+        --rdzv_endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 \
+        -m layerlock_plugin.reference.cli --config vit_g --set train.strategy=fsdp --out runs/vit_g'
+    # resume: the same command with --resume runs/vit_g (loads runs/vit_g/dcp/latest)
+
+The trainer it runs: :mod:`layerlock_plugin.reference.train.trainer`.
 """
 
 from __future__ import annotations
@@ -19,9 +44,9 @@ from pathlib import Path
 
 from ..errors import ConfigError, LayerLockError
 from .config import apply_overrides, build_config, dump_config, load_yaml
-from .checkpointing import check_same_config, checkpoint_progress
-from .run_folder import RunFolder, default_run_dir, resume_source
-from .stop import StopRequest
+from .train.checkpointing import check_same_config, checkpoint_progress
+from .train.run_folder import RunFolder, default_run_dir, resume_source
+from .train.stop import StopRequest
 
 PROG = "layerlock-train"
 EPILOG = """examples:
@@ -131,7 +156,7 @@ def resolve_config(args: argparse.Namespace):
     shortcut flags; ``out_dir`` is the resumed run's folder or, for a new run, a fresh default."""
     resume_dir = None
     if args.resume:
-        from .checkpointing import config_from_checkpoint
+        from .train.checkpointing import config_from_checkpoint
 
         checkpoint, resume_dir = resume_source(args.resume)
         if resume_dir is None and not _names_out_dir(args):
@@ -234,9 +259,9 @@ def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
         dry_run(config, world_size=args.world_size)
         package_warnings.release()
         return 0
-    from .distributed import teardown
-    from .trainer import Trainer
-    from .xla import device_kind as xla_kind
+    from .parallel.distributed import teardown
+    from .train.trainer import Trainer
+    from .parallel.xla import device_kind as xla_kind
 
     started = time.perf_counter()
     trainer = None
@@ -274,7 +299,7 @@ def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
     wall = time.perf_counter() - started
     print(f"done in {wall:.0f} s (training {summary['train_seconds']:.0f} s). Run folder: {config.out_dir}")
     if "probes" in summary:
-        from .probes import probe_report
+        from .eval import probe_report
 
         print(probe_report(summary["probes"], config.probe.kind))
     return 0

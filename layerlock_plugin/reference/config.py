@@ -35,7 +35,7 @@ from ..targets import TargetConfig
 from ..warmup import WarmupConfig
 from .data import DigitsVideoConfig, VideoFolderConfig
 from .model import ModelConfig
-from .probes import ProbeConfig
+from .eval import ProbeConfig
 
 DEFAULT_CONFIG = "tiny"
 
@@ -93,7 +93,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     progress: bool = True
     device: str = "cpu"  # cpu | cuda | xla (PyTorch/XLA: TPU) | auto (xla when PJRT_DEVICE is set, else cuda if available)
-    # Cluster scale (see layerlock_plugin/reference/distributed.py and parallelize.py).
+    # Cluster scale (see layerlock_plugin/reference/parallel/: distributed.py and parallelize.py).
     strategy: str = "none"  # none (one process) | ddp | fsdp (FSDP2, one unit per block; torchrun) | spmd (XLA)
     precision: str = "auto"  # auto (bf16 autocast on GPU and TPU, fp32 on CPU) | fp32 | bf16
     grad_accum: int = 1  # micro-batches per optimizer step; batch_size is the global batch per step

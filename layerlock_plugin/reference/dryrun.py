@@ -2,7 +2,7 @@
 
 Builds the model on the meta device (shapes only, no memory), counts parameters, lists the freeze
 timeline of the schedule and estimates per phase the training FLOPs of one step and the memory per
-device. The same cost model gives the trainer's MFU (:mod:`.throughput`).
+device. The same cost model gives the trainer's MFU (:mod:`.train.throughput`).
 
 Cost model (matrix-multiply FLOPs, 2 per multiply-add; norms, softmax and RoPE are left out): a block
 over ``n`` tokens costs ``2n(4D^2 + 2D*M) + 4n^2*D`` forward (``M`` = MLP width); backward costs twice
@@ -117,7 +117,7 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
     """Print (through ``echo``) and return the run's size, freeze timeline and per-phase costs."""
     from ..controller import LayerLock
 
-    from .distributed import check_batch
+    from .parallel.distributed import check_batch
 
     cfg, m = config, config.model
     if world_size > 1 and cfg.train.strategy == "none":

@@ -1,5 +1,6 @@
 """PNG plots of a LayerLock run: loss with freeze events, the freezing schedule, collapse statistics,
-and the adaptive schedule's per-block signals with its decided events next to an explicit schedule.
+and the adaptive schedule's per-block signals with its decided events next to an explicit schedule
+(:func:`write_run_plots` draws every figure of a finished run).
 
 Figures are drawn with matplotlib's Agg canvas directly (``matplotlib.figure.Figure`` +
 ``FigureCanvasAgg``): nothing needs a display, pyplot's global state and the user's backend are
@@ -12,14 +13,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+if TYPE_CHECKING:
+    from ..controller import LayerLock
+    from .config import RunConfig
+
 __all__ = ["plot_loss", "plot_schedule", "plot_collapse_stats", "plot_adaptive_signals", "running_mean",
-           "COLLAPSE_KEYS", "ADAPTIVE_KEYS"]
+           "write_run_plots", "COLLAPSE_KEYS", "ADAPTIVE_KEYS"]
 
 COLLAPSE_KEYS = ("layerlock/feature_std", "layerlock/effective_rank", "layerlock/relative_loss")
 
@@ -343,3 +348,24 @@ def plot_adaptive_signals(
     ax_depth.set_xlabel("step")
     ax_up.set_title(title or "adaptive schedule: signals of the watched block and decided events")
     return _save(fig, path)
+
+
+def write_run_plots(folder: Path, rows: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]],
+                    config: RunConfig, layerlock: LayerLock) -> None:
+    """A finished run's figures in ``folder``: ``loss.png`` (from the metrics ``rows`` and freeze
+    ``events``), ``schedule.png`` (the plan of every step of ``train.steps``), ``collapse.png`` and, for an
+    adaptive schedule, ``adaptive_signals.png``."""
+    plot_loss(rows, events, folder / "loss.png", title=f"{config.method}: training loss")
+    steps = list(range(config.train.steps))
+    plans = [layerlock.plan_at(s) for s in steps]
+    plot_schedule(steps, [p.num_frozen for p in plans],
+                  [0 if layerlock.heads(p) == ["pixels"] else p.target_layer for p in plans],
+                  folder / "schedule.png", total_steps=config.train.steps)
+    plot_collapse_stats(rows, folder / "collapse.png")
+    if config.schedule.kind == "adaptive":
+        from ..schedule import FreezeSchedule
+
+        # the decided events next to what the explicit schedule with the same fields would have done
+        explicit = FreezeSchedule(config.schedule, layerlock.schedule.num_layers).events()
+        plot_adaptive_signals(rows, events, folder / "adaptive_signals.png", explicit_events=explicit,
+                              total_steps=config.train.steps)

@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import check_model_state, load_checkpoint, require_keys, save_atomic
-from ..errors import CheckpointError
-from . import dcp
+from ...checkpoint import check_model_state, load_checkpoint, require_keys, save_atomic
+from ...errors import CheckpointError
+from ..parallel import dcp
 from .run_folder import CHECKPOINT_FILE, HISTORY_PREFIX
 
 CHECKPOINT_FORMAT = "layerlock-reference/1"
 DCP_FORMAT = "layerlock-reference-dcp/1"
 # Fields that may differ between a checkpoint and the run that resumes it (train.steps only explicitly:
-# see Trainer's budget check).
+# see :mod:`.budget`).
 RESUMABLE_CHANGES = ("out_dir", "train.steps", "train.log_every", "train.ckpt_every", "train.ckpt_every_minutes",
                      "train.keep_last", "train.tensorboard", "train.wandb", "train.num_workers",
                      "train.threads", "train.progress", "probe", "train.activation_checkpointing",
@@ -37,7 +37,7 @@ def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     if device.type == "xla":
-        from . import xla
+        from ..parallel import xla
 
         state["xla"] = xla.rng_state()
     return state
@@ -51,7 +51,7 @@ def restore_rng(state: dict[str, torch.Tensor], device: torch.device) -> None:
                                   "cannot continue its dropout / drop-path streams exactly")
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
     if device.type == "xla" and "xla" in state:
-        from . import xla
+        from ..parallel import xla
 
         xla.set_rng_state(state["xla"])
 
@@ -115,7 +115,7 @@ class Checkpointer:
         if not self.uses_dcp:
             model, optim = t.model.state_dict(), t.optimizer.state_dict()
             if t.device.type == "xla":  # XLA tensors are saved from CPU copies
-                from .xla import to_cpu
+                from ..parallel.xla import to_cpu
 
                 model, optim = to_cpu(model), to_cpu(optim)
             state = {"format": CHECKPOINT_FORMAT, **self._common(), "model": model, "optimizer": optim,

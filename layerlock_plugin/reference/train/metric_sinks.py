@@ -15,7 +15,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 TB_DIR, WANDB_DIR, WANDB_ID = "tb", "wandb", "wandb_run_id"
 

@@ -18,21 +18,25 @@ is None, so this changes no update), which keeps DDP from waiting for gradients 
 ``spmd`` (PyTorch/XLA): the model itself, parameters replicated on every device of the mesh; the step's
 inputs are sharded over the mesh's ``data`` axis (:meth:`Parallelized.shard_inputs`) and the XLA
 partitioner inserts the gradient all-reduce.
+
+What else differs between devices inside a step lives here too, so that the trainer's step reads the
+same everywhere: how the step's indices reach the device (:meth:`Parallelized.to_device`) and how a
+step ends (:meth:`Parallelized.end_step`: the XLA graph is cut and run there).
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..integration import LayerLockDDP, set_active_heads
+from ...integration import LayerLockDDP, set_active_heads
 from .distributed import DistEnv
-from .model import VideoMAE
+from ..model import VideoMAE
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -67,11 +71,14 @@ class Parallelized:
     """The model as the train step calls it, for one strategy.
 
     Build it after the model and before the optimizer (FSDP2 replaces the parameters with sharded
-    ones). Call :meth:`sync` after every ``LayerLock.begin_step`` (cheap unless the plan changed).
+    ones). Call :meth:`sync` after every ``LayerLock.begin_step`` (cheap unless the plan changed) and
+    :meth:`end_step` after the optimizer step. ``say`` prints a line for the user (the SPMD layout of
+    the first batch).
     """
 
-    def __init__(self, model: VideoMAE, env: DistEnv, precision: str = "auto"):
-        self.model, self.env = model, env
+    def __init__(self, model: VideoMAE, env: DistEnv, precision: str = "auto",
+                 say: Callable[[str], None] = lambda line: None):
+        self.model, self.env, self.say = model, env, say
         self.dtype = autocast_dtype(precision, env.device)
         self._ddp: LayerLockDDP | None = None
         self.input_sharding: str | None = None  # spmd: the first batch's layout over the devices, as XLA says it
@@ -103,9 +110,18 @@ class Parallelized:
             return True
         return self._ddp.sync()
 
+    def to_device(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Host tensors (the step's token indices ``[b, K]``) copied to the device: pinned and
+        non-blocking on CUDA (the copy does not wait for the GPU); on XLA they arrive as data (drawn on
+        the CPU, so no index computation enters the graph)."""
+        device = self.env.device
+        if device.type == "cuda":
+            return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+        return tuple(t.to(device) for t in tensors)
+
     def shard_inputs(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Under ``spmd``: shard each ``[B, ...]`` input over the mesh's ``data`` axis (in place, returned
-        for convenience); otherwise the tensors unchanged."""
+        for convenience; the first batch's layout is said once); otherwise the tensors unchanged."""
         if self.env.mesh is not None:
             from . import xla
 
@@ -113,7 +129,17 @@ class Parallelized:
                 xla.shard_batch(t, self.env.mesh)
             if self.input_sharding is None:
                 self.input_sharding = xla.sharding_spec(tensors[0])
+                self.say(f"[xla] spmd over {self.env.mesh.size()} devices: each batch [B, C, T, H, W] sharded as "
+                         f"{self.input_sharding}, parameters replicated")
         return tensors
+
+    def end_step(self) -> None:
+        """After the optimizer step. On XLA the step's graph ends here (``torch_xla.sync``): one program
+        per plan, reused until the next freeze event. Elsewhere nothing to do."""
+        if self.env.device.type == "xla":
+            from . import xla
+
+            xla.sync()
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dtype is None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 LAUNCH_HINT = ("launch it with torchrun, e.g. `torchrun --standalone --nproc_per_node=2 -m "
                "layerlock_plugin.reference.cli --set train.strategy=ddp`")

@@ -10,7 +10,7 @@
   which must be fresh as for a new run; the source is never touched.
 
 The CLI decides which of the three a command is (:func:`resume_source`); the trainer applies the rules
-(:meth:`RunFolder.check_new`, :meth:`RunFolder.clear`) before it writes anything.
+(:func:`plan_folder`, then :meth:`RunFolder.clear`) before it writes anything.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CheckpointError, ConfigError
+from ...errors import CheckpointError, ConfigError
 
 CHECKPOINT_FILE = "checkpoint.pt"
 DCP_DIR = "dcp"
@@ -141,3 +141,34 @@ def inside(child: Path, parent: Path) -> bool:
     """``child`` is ``parent`` or below it."""
     child, parent = child.resolve(), parent.resolve()
     return child == parent or parent in child.parents
+
+
+@dataclass(frozen=True)
+class FolderPlan:
+    """What a run does with its folder, decided before anything is written: the ``checkpoint`` to load
+    (None for a new run), ``log_source`` (a fork: the run folder whose logs it continues; None
+    otherwise) and ``clear`` (an overwritten run's files are removed before the first write)."""
+
+    checkpoint: Path | None
+    log_source: Path | None
+    clear: bool
+
+
+def plan_folder(out: Path, resume: str | Path | None, overwrite: bool) -> FolderPlan:
+    """Apply the run folder rules (module docstring) to a run into ``out`` without writing anything:
+    a new run (``resume`` None), a resume in place, or a fork into a fresh folder."""
+    folder = RunFolder(out)
+    if resume is None:
+        folder.check_new(overwrite)
+        return FolderPlan(None, None, overwrite and folder.holds_run())
+    checkpoint, source = resume_source(resume)
+    if source is not None and same_folder(source, out):
+        if overwrite:
+            raise ConfigError("--overwrite", "is for a new run; a resume continues its run in place "
+                                             "(to start the resumed state in another folder: --out NEW)")
+        return FolderPlan(checkpoint, None, False)
+    if source is not None and (inside(out, source) or inside(source, out)):
+        raise ConfigError("out_dir", f"{out} and the resumed run {source} lie inside one another; "
+                                     "a fork goes into a separate folder and never touches its source")
+    folder.check_new(overwrite)
+    return FolderPlan(checkpoint, source, overwrite and folder.holds_run())

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..targets import patchify
-from .model import ModelConfig, VideoMAE
+from ...targets import patchify
+from ..model import ModelConfig, VideoMAE
 
 __all__ = ["MOTION_FEATURES", "SUPERVISED_LRS", "motion_tokens", "pixel_tokens", "train_supervised",
            "SupervisedEncoder", "held_out_split", "supervised_accuracy"]
@@ -151,13 +151,13 @@ def train_supervised(
 
     The initial weights are the ones the reference trainer draws at ``seed`` (``torch.manual_seed(seed)``
     then ``VideoMAE(model_cfg)``): the same random-init encoder a probe compares against. ``optim`` is
-    the trainer's :class:`~.config.OptimConfig` (AdamW, linear warmup then cosine decay, gradient
-    clipping), so the budget matches a pretraining run's; ``lr`` replaces its peak learning rate (see
-    :data:`SUPERVISED_LRS`). ``indices``: train on those clips only (default: all). Batches: a seeded
-    permutation of the training clips per epoch.
+    the trainer's :class:`~layerlock_plugin.reference.config.OptimConfig` (AdamW, linear warmup then
+    cosine decay, gradient clipping), so the budget matches a pretraining run's; ``lr`` replaces its
+    peak learning rate (see :data:`SUPERVISED_LRS`). ``indices``: train on those clips only (default:
+    all). Batches: a seeded permutation of the training clips per epoch.
     ``log(step, loss)`` is called every step when given. The caller's RNG state is left alone.
     """
-    from .trainer import cosine_with_warmup, param_groups
+    from ..train.optim import cosine_with_warmup, param_groups
 
     num_classes = int(dataset.num_classes[task])  # type: ignore[attr-defined]
     with torch.random.fork_rng(devices=[]):

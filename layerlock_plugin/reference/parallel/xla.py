@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 INSTALL_HINT = ("train.device=xla needs PyTorch/XLA (torch-xla 2.9.0 with torch 2.9.0, a separate environment): "
                 "bash scripts/setup_xla_env.sh, then run with PJRT_DEVICE=TPU (or CPU)")

@@ -2,8 +2,8 @@
 
 Timing covers a whole window of steps (``train.log_every``), so the device is synchronised once per
 window, at the log step, and never inside a step. MFU = model FLOPs of the window's steps (the analytic
-count of :func:`.dryrun.step_flops`, which already credits LayerLock for the backward passes the frozen
-blocks skip) / time / (peak FLOP/s x processes). Peak FLOP/s: ``train.peak_tflops`` if set, else a table
+count of :func:`~layerlock_plugin.reference.dryrun.step_flops`, which already credits LayerLock for the
+backward passes the frozen blocks skip) / time / (peak FLOP/s x processes). Peak FLOP/s: ``train.peak_tflops`` if set, else a table
 of dense bf16 peaks of common GPUs; on a CPU or an unknown device MFU is not reported (no guessed number).
 Peak memory: ``torch.cuda.max_memory_allocated``, reset at every change of frozen depth, so each phase
 reports its own peak; on a CPU there is no allocator peak and it is reported as not measured (null).
@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .distributed import DistEnv
-from .dryrun import Tokens, step_flops
+from ..parallel.distributed import DistEnv
+from ..dryrun import Tokens, step_flops
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, matched on the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "L4": 121.0}
@@ -54,7 +54,7 @@ class Throughput:
         if self.env.device.type == "cuda":
             torch.cuda.synchronize(self.env.device)
         elif self.env.device.type == "xla":
-            from . import xla
+            from ..parallel import xla
 
             xla.wait()
 
@@ -86,7 +86,7 @@ class Throughput:
             devices = self.env.world_size * (self.env.mesh.size() if self.env.mesh is not None else 1)
             out["mfu"] = self._flops / max(self._steps, 1) * self.global_batch / dt / (self.peak * devices)
         if self.env.device.type == "xla":
-            from . import xla
+            from ..parallel import xla
 
             out["xla_compiles"] = xla.compile_count()  # graphs compiled so far: flat between freeze events
         self.start_window()

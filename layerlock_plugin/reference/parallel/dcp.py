@@ -35,8 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from ..checkpoint import load_checkpoint, require_keys, save_atomic
-from ..errors import CheckpointError
+from ...checkpoint import load_checkpoint, require_keys, save_atomic
+from ...errors import CheckpointError
 from .distributed import DistEnv, barrier
 
 DCP_DIR = "dcp"
@@ -145,7 +145,7 @@ def export_encoder(model: torch.nn.Module, model_cfg: Any, path: Path, env: Dist
 
 def load_encoder(path: str | Path):
     """A :class:`VideoMAE` with the exported encoder weights (decoder and readouts left at init)."""
-    from .model import ModelConfig, VideoMAE
+    from ..model import ModelConfig, VideoMAE
 
     state = load_checkpoint(path)
     require_keys(state, ["format", "model_config", "encoder"], path)

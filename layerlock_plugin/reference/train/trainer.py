@@ -1,32 +1,13 @@
 """The reference LayerLock trainer: a 4DS-style video ViT MAE, read top to bottom.
 
-Single process (CPU or one GPU)::
-
-    layerlock-train                                   # the main job: tiny model, embedded data
-    layerlock-train --method mae --out runs/mae       # the pixel baseline on the same budget
-    layerlock-train --resume runs/demo                # continue a stopped run, in its folder
-
-Several processes (torchrun; ``train.batch_size`` is the GLOBAL batch of one optimizer step)::
-
-    # one node, 2 processes (gloo on CPU, NCCL with one GPU per process)
-    torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli \
-        --set train.strategy=ddp --out runs/ddp            # or train.strategy=fsdp
-    # the console script works too
-    torchrun --standalone --nproc_per_node=8 --no-python layerlock-train --config vit_l --set train.device=cuda
-    # multi-node: the same command on every node (rendezvous on the first node's host)
-    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HEAD:29500 \
-        --rdzv_id=$JOB_ID -m layerlock_plugin.reference.cli --config vit_g --set train.strategy=fsdp
-    # SLURM: one torchrun per node, srun starts them
-    srun --nodes=4 --ntasks-per-node=1 --gpus-per-node=8 bash -c 'torchrun --nnodes=$SLURM_NNODES \
-        --nproc_per_node=8 --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID \
-        --rdzv_endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 \
-        -m layerlock_plugin.reference.cli --config vit_g --set train.strategy=fsdp --out runs/vit_g'
-    # resume: the same command with --resume runs/vit_g (loads runs/vit_g/dcp/latest)
+Launch it with ``layerlock-train`` (one process, torchrun, multi-node, SLURM: the commands are in
+:mod:`layerlock_plugin.reference.cli`); ``train.batch_size`` is the GLOBAL batch of one optimizer step.
 
 Every rank sees the same global batch indices and the same masks (both functions of the global step)
 and takes its own rows, so N processes follow the one-process run up to float rounding. Rank 0 alone
 logs, prints, plots and probes. ``ddp`` / ``fsdp`` runs checkpoint with torch.distributed.checkpoint
-(``dcp/``, see :mod:`.dcp`) and export ``encoder.pt`` at the end; one process writes ``checkpoint.pt``.
+(``dcp/``, see :mod:`~layerlock_plugin.reference.parallel.dcp`) and export ``encoder.pt`` at the end;
+one process writes ``checkpoint.pt``.
 
 One step: LayerLock plan for this step (freeze on schedule, maybe switch the target, LR warmup
 factor) -> masks for the global batch -> per micro-batch: targets on the full input from the frozen
@@ -36,9 +17,13 @@ the loss averaged over ranks -> AdamW step.
 
 A run folder holds ``config.yaml``, ``metrics.jsonl``, ``events.jsonl``, ``checkpoint.pt`` (or ``dcp/``
 and ``encoder.pt``), ``probes.json``, ``summary.json`` and ``plots/``. The pieces, one module each:
-:mod:`.run_folder` (where a run may write), :mod:`.sampling` (batches as a function of the step),
-:mod:`.parallelize` (DDP / FSDP2 wrapping), :mod:`.checkpointing`, :mod:`.run_log` (JSONL logs),
-:mod:`.progress`, :mod:`.throughput`, :mod:`.stop` (Ctrl-C at a step boundary).
+:mod:`.run_folder` (where a run may write), :mod:`.budget` (resume and early-stop budgets),
+:mod:`~layerlock_plugin.reference.data.sampling` (batches as a function of the step),
+:mod:`~layerlock_plugin.reference.parallel.parallelize` (DDP / FSDP2 / SPMD wrapping, and what differs
+between devices inside a step), :mod:`.checkpointing`, :mod:`.run_log` (JSONL logs), :mod:`.progress`,
+:mod:`.throughput`, :mod:`.stop` (Ctrl-C at a step boundary); after the last step the probes
+(:mod:`~layerlock_plugin.reference.eval.trained_run`) and the plots
+(:func:`~layerlock_plugin.reference.plots.write_run_plots`).
 """
 
 from __future__ import annotations
@@ -53,24 +38,24 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..collapse import MEASURES
-from ..controller import LayerLock, LayerLockEvent
-from ..schedule import Plan
-from ..errors import ConfigError
-from ..masking import random_masking, subsample_indices
-from . import dcp
-from .checkpointing import Checkpointer, config_from_checkpoint
-from .config import RunConfig, build_config, dump_config
-from .data import DigitsVideoDataset, VideoFolderDataset
-from .distributed import DistEnv, all_reduce_mean, barrier, check_batch, rank_seed, setup
+from ...collapse import MEASURES
+from ...controller import LayerLock, LayerLockEvent
+from ...schedule import Plan
+from ...errors import ConfigError
+from ...masking import random_masking, subsample_indices
+from ..config import RunConfig, dump_config
+from ..data import DigitsVideoDataset, RankBatchSampler, StepBatchSampler, VideoFolderDataset
+from ..model import VideoMAE
+from ..parallel import dcp
+from ..parallel.distributed import DistEnv, all_reduce_mean, barrier, check_batch, rank_seed, setup
+from ..parallel.parallelize import Parallelized, clip_grad_norm
+from . import budget
+from .checkpointing import Checkpointer
 from .metric_sinks import check_sinks, open_sinks
-from .model import VideoMAE
 from .optim import cosine_with_warmup, param_groups
-from .parallelize import Parallelized, clip_grad_norm
 from .progress import Progress
-from .run_folder import RunFolder, inside, read_jsonl, resume_source, same_folder
-from .run_log import EVENTS, RunLog
-from .sampling import RankBatchSampler, StepBatchSampler
+from .run_folder import RunFolder, plan_folder, read_jsonl
+from .run_log import EVENTS, METRICS, RunLog
 from .stop import StopRequest
 from .throughput import Throughput
 
@@ -110,7 +95,8 @@ class Trainer:
         if cfg.out_dir is None:
             raise ConfigError("out_dir", "must name the run folder (the CLI picks runs/<method>-<time> when --out is omitted)")
         self.out = Path(cfg.out_dir)
-        checkpoint, self.log_source = self._plan_folder(resume, overwrite)
+        folder = plan_folder(self.out, resume, overwrite)  # the run folder rules, checked before any write
+        checkpoint, self.log_source, self._clear = folder.checkpoint, folder.log_source, folder.clear
         check_sinks(cfg.train)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -142,7 +128,8 @@ class Trainer:
         if cfg.train.compile:
             for block in self.model.blocks:
                 block.compile()  # per block: a freeze event recompiles one block's graph, not the model's
-        self.parallel = Parallelized(self.model, self.env, cfg.train.precision)
+        # ``say`` looks self.echo up at call time: during fit it prints above the progress bar
+        self.parallel = Parallelized(self.model, self.env, cfg.train.precision, say=lambda s: self.echo(s))
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
         )
@@ -188,12 +175,8 @@ class Trainer:
         scalars once per log window (:class:`.run_log.RunLog`)."""
         plan = self.layerlock.begin_step(self.step)  # freezes on schedule, switches the target, LR warmup
         self.parallel.sync(self.layerlock.heads(plan))  # DDP / readouts follow the trainable set
-        visible_idx, query_idx = self.masks(video.shape[0], video.device)
-        said = self.parallel.input_sharding is not None
+        visible_idx, query_idx = self.parallel.to_device(*self.masks(video.shape[0]))
         video, visible_idx, query_idx = self.parallel.shard_inputs(video, visible_idx, query_idx)  # XLA SPMD
-        if not said and self.parallel.input_sharding is not None:
-            self.echo(f"[xla] spmd over {self.env.mesh.size()} devices: each batch [B, C, T, H, W] sharded as "
-                      f"{self.parallel.input_sharding}, parameters replicated")
         accum, mb = self.config.train.grad_accum, self.micro_batch
         loss_sum, parts_sum, targets, heads = None, None, None, ()
         for i in range(accum):
@@ -222,10 +205,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
-        if self.device.type == "xla":
-            from . import xla
-
-            xla.sync()  # the step's graph ends here: one program per plan, reused until the next event
+        self.parallel.end_step()  # XLA: the step's graph ends here
         return StepScalars(names, values, decision.skip)
 
     def _decide_guard_late(self) -> None:
@@ -261,10 +241,10 @@ class Trainer:
         self.stop_agreed = values["_stop"] > 0
         self.ckpt_due = values["_ckpt_due"] > 0
 
-    def masks(self, local_batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(visible_idx [b, V], query_idx [b, Q])`` of this rank's ``b`` rows. Drawn for the GLOBAL batch
-        from the shared generator, so every world size sees the same masks; the queries are a random
-        ``target.loss_fraction`` of the masked tokens."""
+    def masks(self, local_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(visible_idx [b, V], query_idx [b, Q])`` of this rank's ``b`` rows, on the CPU. Drawn for the
+        GLOBAL batch from the shared generator, so every world size sees the same masks; the queries are
+        a random ``target.loss_fraction`` of the masked tokens."""
         cfg = self.config
         visible_idx, masked_idx = random_masking(cfg.train.batch_size, self.model.num_patches, cfg.model.mask_ratio,
                                                  generator=self.mask_generator)
@@ -272,10 +252,7 @@ class Trainer:
         if cfg.target.loss_fraction < 1.0:
             query_idx = subsample_indices(masked_idx, cfg.target.loss_fraction, generator=self.mask_generator)
         rows = slice(self.env.rank * local_batch, (self.env.rank + 1) * local_batch)
-        visible_idx, query_idx = visible_idx[rows], query_idx[rows]
-        if device.type == "cuda":  # pinned + non_blocking: the copy does not wait for the GPU
-            return visible_idx.pin_memory().to(device, non_blocking=True), query_idx.pin_memory().to(device, non_blocking=True)
-        return visible_idx.to(device), query_idx.to(device)  # XLA: indices drawn on the CPU, copied in as data
+        return visible_idx[rows], query_idx[rows]
 
     def forward_backward(self, video: torch.Tensor, visible_idx: torch.Tensor, query_idx: torch.Tensor, plan: Plan,
                          last_micro: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -390,35 +367,16 @@ class Trainer:
                         f"{cfg.schedule.adaptive.max_pixel_steps}): the run stayed on the pixel target")
                 summary["adaptive"]["note"] = note
                 self.echo(f"note: {note}")
-        self.write_plots()
+        from ..plots import write_run_plots
+
+        write_run_plots(self.out / "plots", read_jsonl(self.out / METRICS), read_jsonl(self.out / EVENTS), cfg,
+                        self.layerlock)
         self.log.images(self.step, {p.stem: p for p in sorted((self.out / "plots").glob("*.png"))})
         with open(self.out / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
         return summary
 
     # -- run folder, budget, events, checkpoints --------------------------------------------------------
-    def _plan_folder(self, resume: str | Path | None, overwrite: bool) -> tuple[Path | None, Path | None]:
-        """Check the run folder rules (module :mod:`.run_folder`) without writing: ``(checkpoint to load,
-        folder whose logs the run continues when forking)``."""
-        folder = RunFolder(self.out)
-        if resume is None:
-            folder.check_new(overwrite)
-            self._clear = overwrite and folder.holds_run()
-            return None, None
-        checkpoint, source = resume_source(resume)
-        if source is not None and same_folder(source, self.out):
-            if overwrite:
-                raise ConfigError("--overwrite", "is for a new run; a resume continues its run in place "
-                                                 "(to start the resumed state in another folder: --out NEW)")
-            self._clear = False
-            return checkpoint, None
-        if source is not None and (inside(self.out, source) or inside(source, self.out)):
-            raise ConfigError("out_dir", f"{self.out} and the resumed run {source} lie inside one another; "
-                                         "a fork goes into a separate folder and never touches its source")
-        folder.check_new(overwrite)
-        self._clear = overwrite and folder.holds_run()
-        return checkpoint, source
-
     def _prepare_folder(self) -> None:
         """Rank 0 makes the folder (removing an overwritten run's files first); then every rank may write."""
         if self._folder_ready:
@@ -431,36 +389,14 @@ class Trainer:
         self._folder_ready = True
 
     def _check_budget(self, saved_steps: int, extend: bool) -> None:
-        """A resume keeps the run's budget unless extended explicitly: ``train.steps`` shapes the LR curve."""
-        new, step = self.config.train.steps, self.step
-        if new <= step:
-            raise ConfigError("train.steps", f"{new} is not above the resumed step {step}: nothing would be trained"
-                                             + ("" if new != saved_steps else
-                                                f"; the run is finished (extend it with --extend N, N > {step})"))
-        if new == saved_steps:
-            if extend:
-                raise ConfigError("--extend", f"{new} is the run's budget already; give a larger number of steps")
-            return
-        if not extend:
-            raise ConfigError("train.steps", f"the resumed run's budget is {saved_steps} steps and train.steps={new} "
-                                             f"would recompute its LR schedule; say --extend {new} to do that "
-                                             f"(or --stop-after N to stop early keeping the schedule)")
-        if new < saved_steps:
-            raise ConfigError("--extend", f"{new} is below the run's budget of {saved_steps} steps; to stop earlier "
-                                          f"keeping the schedule use --stop-after {new}")
-        o = self.config.optim
-        old_lr = o.lr * cosine_with_warmup(saved_steps, o.warmup_steps, o.min_lr_ratio)(step)
-        new_lr = o.lr * cosine_with_warmup(new, o.warmup_steps, o.min_lr_ratio)(step)
-        self.echo(f"extending the run from {saved_steps} to {new} steps: the cosine LR schedule is recomputed for "
-                  f"{new} steps, so at step {step} the LR goes from {old_lr:.3g} to {new_lr:.3g}, then decays to "
-                  f"{o.lr * o.min_lr_ratio:.3g} at step {new}; the freeze schedule (step-based) is unchanged")
+        """A resume keeps the run's budget unless extended explicitly (module :mod:`.budget`)."""
+        note = budget.check_resume_budget(self.config.train.steps, self.step, saved_steps, extend, self.config.optim)
+        if note is not None:
+            self.echo(note)
 
     def check_stop_after(self, stop_after: int | None) -> None:
         """``stop_after`` must lie after the current step and within ``train.steps`` (``None``: no early stop)."""
-        steps = self.config.train.steps
-        if stop_after is not None and not (isinstance(stop_after, int) and self.step < stop_after <= steps):
-            raise ConfigError("--stop-after", f"must be a step after the run's current step {self.step} and at most "
-                                              f"train.steps={steps}, got {stop_after!r}")
+        budget.check_stop_after(stop_after, self.step, self.config.train.steps)
 
     def _on_event(self, event: LayerLockEvent) -> None:
         self.events.append({"step": event.step, "num_frozen": event.num_frozen, "target_layer": event.target_layer,
@@ -492,58 +428,13 @@ class Trainer:
         """Probe the trained encoder and, with the same probes, the random-init one (same architecture,
         the run's seed, before training): ``{<trained probe keys>..., "random_init": {<keys>...}}``, also
         written to ``probes.json``. A probe reading is only evidence next to that baseline."""
-        from .probes import run_probes
+        from ..eval.trained_run import probe_run
 
-        cfg = self.config
         self.echo("[probes] encoding probe videos; linear, attentive and k-NN probes on the trained and the "
                   "random-init encoder ...")
         # A sharded or wrapped model cannot run on rank 0 alone: probe the exported encoder.
         model = dcp.load_encoder(self.out / "encoder.pt").to(self.device) if self.uses_dcp else self.model
-        train_set, test_set = DigitsVideoDataset(cfg.data, "train"), DigitsVideoDataset(cfg.data, "test")
-
-        def probe(encoder: VideoMAE) -> dict[str, float]:
-            was_training = encoder.training
-            encoder.eval()
-
-            def encode(video: torch.Tensor) -> torch.Tensor:
-                with torch.no_grad():
-                    tokens = encoder.encode(video.to(self.device))
-                # XLA: the probes train on the CPU (their many small steps would each be a new graph)
-                return tokens.cpu() if self.device.type == "xla" else tokens
-
-            try:
-                return run_probes(encode, train_set, test_set, encoder.grid, cfg.model.tubelet, cfg.probe)
-            finally:
-                encoder.train(was_training)
-
-        results: dict[str, Any] = probe(model)
-        results["random_init"] = probe(self.random_init_encoder())
-        with open(self.out / "probes.json", "w") as f:
-            json.dump(results, f, indent=2)
-        return results
-
-    def write_plots(self) -> None:
-        from .plots import plot_collapse_stats, plot_loss, plot_schedule
-
-        rows = read_jsonl(self.out / "metrics.jsonl")
-        events = [e for e in read_jsonl(self.out / "events.jsonl")]
-        plots = self.out / "plots"
-        plot_loss(rows, events, plots / "loss.png", title=f"{self.config.method}: training loss")
-        steps = list(range(self.config.train.steps))
-        plans = [self.layerlock.plan_at(s) for s in steps]
-        plot_schedule(steps, [p.num_frozen for p in plans],
-                      [0 if self.layerlock.heads(p) == ["pixels"] else p.target_layer for p in plans],
-                      plots / "schedule.png", total_steps=self.config.train.steps)
-        plot_collapse_stats(rows, plots / "collapse.png")
-        if self.config.schedule.kind == "adaptive":
-            from ..schedule import FreezeSchedule
-            from .plots import plot_adaptive_signals
-
-            # the decided events next to what the explicit schedule with the same fields would have done
-            explicit = FreezeSchedule(self.config.schedule, self.layerlock.schedule.num_layers).events()
-            plot_adaptive_signals(rows, events, plots / "adaptive_signals.png", explicit_events=explicit,
-                                  total_steps=self.config.train.steps)
+        return probe_run(model, self.random_init_encoder, self.config, self.device, self.out / "probes.json")
 
 
-__all__ = ["Trainer", "StepBatchSampler", "RankBatchSampler", "build_config", "config_from_checkpoint",
-           "read_jsonl"]
+__all__ = ["Trainer", "StepScalars", "build_dataset"]

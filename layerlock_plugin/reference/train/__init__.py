@@ -1,0 +1,15 @@
+"""Training: the :class:`Trainer` and its parts, one concept per module.
+
+:mod:`.trainer` holds the loop (``Trainer.fit``) and the step (``Trainer.train_step``), read top to
+bottom; around it :mod:`.run_folder` (where a run may write), :mod:`.budget` (a run's step budget on
+resume and early stop), :mod:`.checkpointing` (save and resume), :mod:`.run_log` (JSONL logs),
+:mod:`.metric_sinks` (TensorBoard, W&B), :mod:`.progress` (the progress bar), :mod:`.throughput`
+(tokens/s, FLOPs, MFU), :mod:`.optim` (parameter groups, the LR curve) and :mod:`.stop` (a signal
+stops at a step boundary).
+"""
+
+from .checkpointing import config_from_checkpoint
+from .run_folder import read_jsonl
+from .trainer import StepScalars, Trainer, build_dataset
+
+__all__ = ["Trainer", "StepScalars", "build_dataset", "config_from_checkpoint", "read_jsonl"]
