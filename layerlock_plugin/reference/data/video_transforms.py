@@ -64,7 +64,8 @@ def channel_stats(clips: Sequence[torch.Tensor]) -> tuple[tuple[float, ...], tup
 
 class ClipTransform:
     """``uint8 [T, H, W, 3]`` -> ``float32 [3, T, size, size]``: augmented (``train=True``) or centre-
-    cropped, then normalised with ``mean`` / ``std`` (``None``: kept in ``[0, 1]``)."""
+    cropped, then normalised with ``mean`` / ``std`` (ImageNet's by default; ``None`` or
+    ``augment.normalize: none``: kept in ``[0, 1]``)."""
 
     def __init__(self, size: int, augment: AugmentConfig, train: bool,
                  mean: Sequence[float] | None = IMAGENET_MEAN, std: Sequence[float] | None = IMAGENET_STD):
@@ -80,7 +81,7 @@ class ClipTransform:
         if train and augment.flip > 0:
             steps.append(v2.RandomHorizontalFlip(augment.flip))
         steps.append(v2.ToDtype(torch.float32, scale=True))
-        if mean is not None:
+        if mean is not None and augment.normalize != "none":
             steps.append(v2.Normalize(list(mean), list(std)))
         self.pipeline = v2.Compose(steps)
 
