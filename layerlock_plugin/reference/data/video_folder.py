@@ -154,20 +154,25 @@ class VideoFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _replacement(self, index: int, epoch: int, attempt: int) -> int:
-        """The video tried in place of a bad one: drawn from the sample's own key (not the neighbour, so a
-        broken sub-folder does not fill the batch with its neighbours' clips)."""
-        g = sample_generator(self.seed, epoch, index, attempt, 1)
-        return int(torch.randint(len(self.paths), (), generator=g))
+    def _replacements(self, index: int, epoch: int) -> list[int]:
+        """Videos tried in place of a bad one, in order: distinct, drawn from the sample's own key (not
+        the neighbours, so a broken sub-folder does not fill the batch with its neighbours' clips)."""
+        g = sample_generator(self.seed, epoch, index, 1)
+        order = torch.randperm(len(self.paths), generator=g)[:MAX_TRIES].tolist()
+        return [i for i in order if i != index][: MAX_TRIES - 1]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
         index, epoch = (int(key[0]), int(key[1])) if isinstance(key, (tuple, list)) else (int(key), 0)
         if not 0 <= index < len(self.paths):
             raise IndexError(f"index {index} out of range for {len(self.paths)} videos")
         bad: list[str] = []
-        tries = 1 if self.config.on_bad_video == "raise" else MAX_TRIES
-        for attempt in range(tries):
-            i = index if attempt == 0 else self._replacement(index, epoch, attempt)
+
+        def candidates():
+            yield index
+            if self.config.on_bad_video == "replace":
+                yield from self._replacements(index, epoch)
+
+        for attempt, i in enumerate(candidates()):
             rel = self.paths[i]
             # the sample's own key for its first video; a replacement gets its own draws (not i's clip)
             key_ = (self.seed, epoch, index) if attempt == 0 else (self.seed, epoch, index, attempt)
