@@ -4,7 +4,7 @@ augment, normalise. Shared by the folder (:mod:`.video_folder`) and the shards (
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -65,16 +65,17 @@ class ClipMaker:
         return clips[0] if self.num_clips == 1 else torch.stack(clips)
 
 
-def collate_clips(num_clips: int) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+class collate_clips:  # noqa: N801 - used like a function; a class so that spawned workers can pickle it
     """A DataLoader ``collate_fn``: the default collation, then ``num_clips`` clips per video laid out as
     rows: ``video [b, k, 3, T, H, W] -> [b * k, 3, T, H, W]``, labels repeated alike."""
 
-    def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    def __init__(self, num_clips: int):
+        self.num_clips = num_clips
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = default_collate(samples)
-        if num_clips > 1:
+        if self.num_clips > 1:
             batch["video"] = batch["video"].flatten(0, 1)
             if "label" in batch:
-                batch["label"] = batch["label"].repeat_interleave(num_clips)
+                batch["label"] = batch["label"].repeat_interleave(self.num_clips)
         return batch
-
-    return collate
