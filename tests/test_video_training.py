@@ -106,6 +106,18 @@ def test_repeated_sampling_and_num_clips_must_divide_the_rank_batch(tmp_path, vi
         run(tmp_path / "k3", folder_args(root), "data.num_clips=3")
 
 
+@needs_av
+def test_cli_bad_video_under_raise_is_one_line_and_exit_code_2(tmp_path, videos, capsys):
+    from layerlock_plugin.reference.cli import main
+
+    root, _ = videos
+    sets = [x for a in [*TINY, *folder_args(root), "data.on_bad_video=raise", "train.num_workers=1"] for x in ("--set", a)]
+    code = main(["--out", str(tmp_path / "run"), *sets])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("layerlock-train: error: bad video zz_broken.mp4: does not open"), err
+    assert not any("Traceback" in line for line in err)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
