@@ -7,8 +7,8 @@ sample's augmentation does not depend on which worker made it or on what that wo
 
 Training (:attr:`AugmentConfig.crop`): ``random_resized`` is torchvision's ``RandomResizedCrop`` (V-JEPA's
 scale 0.3-1.0, aspect 0.75-1.35), ``multi_scale`` is :class:`MultiScaleCrop` (VideoMAE's
-GroupMultiScaleCrop, not in torchvision), ``center`` a centre crop; then ``RandomHorizontalFlip``,
-``ToDtype`` to ``[0, 1]`` and ``Normalize``. Evaluation: the frame's short side at ``size`` (scaled by the
+GroupMultiScaleCrop, not in torchvision), ``center`` a centre crop; then ``RandomHorizontalFlip``, all
+on uint8; then ``[0, 1]`` and normalisation in one fused pass. Evaluation: the frame's short side at ``size`` (scaled by the
 decoder), centre crop, normalisation: deterministic.
 """
 
@@ -63,8 +63,8 @@ def channel_stats(clips: Sequence[torch.Tensor]) -> tuple[tuple[float, ...], tup
 
 
 class ClipTransform:
-    """``uint8 [T, H, W, 3]`` -> ``float32 [3, T, size, size]``: augmented (``train=True``) or centre-
-    cropped, then normalised with ``mean`` / ``std`` (ImageNet's by default; ``None`` or
+    """``uint8 [T, H, W, 3]`` -> ``float32 [3, T, size, size]``: cropped and flipped in uint8 with
+    torchvision (augmented when ``train=True``, else a centre crop), then scaled to ``[0, 1]`` and normalised with ``mean`` / ``std`` (ImageNet's by default; ``None`` or
     ``augment.normalize: none``: kept in ``[0, 1]``)."""
 
     def __init__(self, size: int, augment: AugmentConfig, train: bool,
@@ -80,13 +80,17 @@ class ClipTransform:
             steps.append(v2.CenterCrop(size))
         if train and augment.flip > 0:
             steps.append(v2.RandomHorizontalFlip(augment.flip))
-        steps.append(v2.ToDtype(torch.float32, scale=True))
-        if mean is not None and augment.normalize != "none":
-            steps.append(v2.Normalize(list(mean), list(std)))
         self.pipeline = v2.Compose(steps)
+        # to [0, 1] and normalised in one pass over the output: x * scale + shift per channel
+        norm = mean is not None and augment.normalize != "none"
+        m = torch.tensor(mean if norm else (0.0, 0.0, 0.0), dtype=torch.float32)
+        s = torch.tensor(std if norm else (1.0, 1.0, 1.0), dtype=torch.float32)
+        self.scale = (1.0 / (255.0 * s)).view(3, 1, 1, 1)
+        self.shift = (-m / s).view(3, 1, 1, 1)
 
     def __call__(self, frames: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """``frames``: ``uint8 [T, H, W, 3]``; ``seed``: the sample's draw (needed when training)."""
+        # a channels-last view, no copy: torchvision's uint8 antialiased resize is fastest on it
         video = tv_tensors.Video(frames.permute(0, 3, 1, 2))  # [T, 3, H, W]
         if self.train:
             if seed is None:
@@ -96,5 +100,5 @@ class ClipTransform:
                 out = self.pipeline(video)
         else:
             out = self.pipeline(video)
-        return out.as_subclass(torch.Tensor).permute(1, 0, 2, 3).contiguous()  # [3, T, size, size]
-
+        out = out.as_subclass(torch.Tensor).permute(1, 0, 2, 3)  # [3, T, size, size], still uint8
+        return torch.addcmul(self.shift, out.float(), self.scale).contiguous()
