@@ -55,9 +55,9 @@ def _wds():
 
 def expand_shards(urls: tuple[str, ...]) -> list[str]:
     """The shard URLs of ``data.urls`` (brace patterns expanded, in order)."""
+    _wds()
     from webdataset.shardlists import expand_urls  # noqa: PLC0415
 
-    _wds()
     return [u for pattern in urls for u in expand_urls(pattern)]
 
 
