@@ -37,3 +37,8 @@ class CollapseError(LayerLockError, RuntimeError):
 
 class MissingDependencyError(LayerLockError, ImportError):
     """An optional host framework is not installed; the message names the pip extra."""
+
+
+class DataError(LayerLockError, RuntimeError):
+    """Training data that cannot be used: a bad video under ``data.on_bad_video: raise``, or no good video
+    found for a sample. The message names the file and the reason."""

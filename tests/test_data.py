@@ -1,23 +1,18 @@
-"""Tests of layerlock_plugin.reference.data: the embedded digits videos and the video folder."""
+"""Tests of layerlock_plugin.reference.data: the embedded digits videos (real video: test_video_*.py)."""
 
 from __future__ import annotations
 
 import math
-import sys
-import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from layerlock_plugin.errors import ConfigError, MissingDependencyError
+from layerlock_plugin.errors import ConfigError
 from layerlock_plugin.reference.data import (
     DigitsVideoConfig,
     DigitsVideoDataset,
-    VideoFolderConfig,
-    VideoFolderDataset,
     channel_stats,
-    clip_indices,
     digit_split_indices,
     direction_vector,
 )
@@ -280,165 +275,6 @@ def test_config_accepts_yaml_lists_and_rejects_unknown_fields():
     with pytest.raises(ConfigError) as info:
         DigitsVideoDataset(SMALL, "val")
     assert info.value.field == "data.split"
-
-
-# --------------------------------------------------------------------------------------------------
-# video folder
-# --------------------------------------------------------------------------------------------------
-
-try:
-    import av
-except ImportError:  # the digits tests above still run without PyAV
-    av = None
-
-needs_av = pytest.mark.skipif(av is None, reason='needs PyAV: pip install "layerlock-plugin[video]"')
-
-H, W, NF = 40, 48, 12
-
-
-def _colour(k: int) -> tuple[int, int, int]:
-    return (16 * k + 20, 230 - 15 * k, 128)
-
-
-def _write_clip(path, num_frames: int = NF, shift: int = 0, codec: str = "mpeg4") -> None:
-    """Frame k: top half a colour that encodes k (+shift), bottom half black."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream(codec, rate=12)
-        stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
-        stream.options = {"qscale": "2"} if codec == "mpeg4" else {}
-        for k in range(num_frames):
-            img = np.zeros((H, W, 3), dtype=np.uint8)
-            img[: H // 2] = _colour(k + shift)
-            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-
-
-@pytest.fixture
-def video_root(tmp_path):
-    root = tmp_path / "videos"
-    _write_clip(root / "a" / "clip0.mp4")
-    _write_clip(root / "a" / "clip1.mp4", shift=1)
-    _write_clip(root / "b" / "clip2.mp4", shift=2)
-    (tmp_path / "labels.txt").write_text("a/clip0.mp4 3\n\na/clip1.mp4 0\nb/clip2.mp4 7\n")
-    return root
-
-
-@needs_av
-def test_video_folder_decodes_clips_with_labels(video_root):
-    ds = VideoFolderDataset(video_root, num_frames=4, size=32, frame_stride=2,
-                            label_file=video_root.parent / "labels.txt")
-    assert len(ds) == 3 and ds.paths == ["a/clip0.mp4", "a/clip1.mp4", "b/clip2.mp4"]
-    assert ds.num_classes == 8
-    wanted = clip_indices(NF, 4, 2)
-    assert wanted == [2, 4, 6, 8]  # the centred clip
-    for i, (shift, label) in enumerate([(0, 3), (1, 0), (2, 7)]):
-        s = ds[i]
-        assert s["video"].shape == (3, 4, 32, 32) and s["video"].dtype == torch.float32
-        assert 0.0 <= s["video"].min() and s["video"].max() <= 1.0
-        assert s["label"].dtype == torch.long and int(s["label"]) == label
-        # short side 40 -> 32, so the top 16 rows are (mostly) the colour and the bottom ones black
-        top = s["video"][:, :, 2:13].mean((2, 3)) * 255  # [3, T]
-        expected = torch.tensor([_colour(k + shift) for k in wanted], dtype=torch.float32).T
-        assert (top - expected).abs().max() < 12, (top, expected)
-        assert s["video"][:, :, 20:].mean() < 0.08
-        assert (top[0][1:] > top[0][:-1]).all()  # red rises with the frame index
-
-
-@needs_av
-def test_video_folder_without_labels_and_from_config(video_root):
-    cfg = VideoFolderConfig(root=str(video_root), num_frames=3, size=16, frame_stride=1)
-    ds = VideoFolderDataset.from_config(cfg)
-    s = ds[2]
-    assert set(s) == {"video"} and s["video"].shape == (3, 3, 16, 16) and ds.num_classes is None
-
-
-@needs_av
-def test_video_folder_container_without_frame_count(tmp_path):
-    # Matroska usually reports no frame count: the full-decode path must pick the same frames.
-    _write_clip(tmp_path / "v" / "x.mkv")
-    _write_clip(tmp_path / "w" / "x.mp4")
-    a = VideoFolderDataset(tmp_path / "v", num_frames=4, size=32, frame_stride=3)[0]["video"]
-    b = VideoFolderDataset(tmp_path / "w", num_frames=4, size=32, frame_stride=3)[0]["video"]
-    assert (a - b).abs().max() < 0.05
-
-
-@needs_av
-def test_short_videos_loop_or_repeat(tmp_path):
-    assert clip_indices(3, 4, 2, "loop") == [0, 2, 1, 0]
-    assert clip_indices(3, 4, 2, "repeat_last") == [0, 2, 2, 2]
-    assert clip_indices(10, 4, 3) == [0, 3, 6, 9]
-    _write_clip(tmp_path / "v" / "short.mp4", num_frames=3)
-    for mode, idx in (("loop", [0, 2, 1, 0]), ("repeat_last", [0, 2, 2, 2])):
-        s = VideoFolderDataset(tmp_path / "v", num_frames=4, size=32, frame_stride=2, short_video=mode)[0]
-        red = s["video"][0, :, 2:13].mean((1, 2)) * 255
-        assert (red - torch.tensor([_colour(k)[0] for k in idx], dtype=torch.float32)).abs().max() < 12
-
-
-@needs_av
-def test_video_folder_errors(tmp_path, video_root):
-    with pytest.raises(ConfigError) as info:
-        VideoFolderDataset(tmp_path / "missing", 4, 32)
-    assert info.value.field == "data.root"
-
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    (empty / "notes.txt").write_text("no videos here")
-    with pytest.raises(ConfigError) as info:
-        VideoFolderDataset(empty, 4, 32)
-    assert info.value.field == "data.root" and ".mp4" in str(info.value)
-
-    garbage = tmp_path / "garbage"
-    garbage.mkdir()
-    (garbage / "broken.mp4").write_bytes(b"this is not a video" * 50)
-    with pytest.raises(ConfigError) as info:
-        VideoFolderDataset(garbage, 4, 32)
-    assert info.value.field == "data.root" and "no decodable video" in str(info.value)
-
-    # one bad file among good ones: skipped with one warning that names it
-    _write_clip(garbage / "good.mp4")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ds = VideoFolderDataset(garbage, 4, 32)
-    assert ds.paths == ["good.mp4"] and ds.skipped == ["broken.mp4"]
-    assert len(caught) == 1 and "broken.mp4" in str(caught[0].message)
-
-    for text, needle in [
-        ("a/clip0.mp4 3\na/clip1.mp4 x\n", "line 2"),
-        ("a/clip0.mp4 3\nb/clip2.mp4 -1\n", "line 2"),
-        ("a/clip0.mp4 3\n\nnope/clip9.mp4 1\n", "line 3"),
-        ("a/clip0.mp4\n", "line 1"),
-        ("a/clip0.mp4 1\na/clip0.mp4 2\n", "line 2"),
-    ]:
-        label_file = tmp_path / "bad_labels.txt"
-        label_file.write_text(text)
-        with pytest.raises(ConfigError) as info:
-            VideoFolderDataset(video_root, 4, 32, label_file=label_file)
-        assert info.value.field == "data.label_file" and needle in str(info.value), text
-    with pytest.raises(ConfigError) as info:
-        VideoFolderDataset(video_root, 4, 32, label_file=tmp_path / "absent.txt")
-    assert info.value.field == "data.label_file"
-
-    for field, kwargs in [
-        ("data.num_frames", {"num_frames": 0}),
-        ("data.size", {"size": -3}),
-        ("data.frame_stride", {"frame_stride": 0}),
-        ("data.extensions", {"extensions": ()}),
-        ("data.short_video", {"short_video": "pad"}),
-    ]:
-        with pytest.raises(ConfigError) as info:
-            VideoFolderDataset(video_root, **kwargs)
-        assert info.value.field == field
-
-
-@needs_av
-def test_missing_pyav_names_the_extra(monkeypatch, video_root):
-    monkeypatch.setitem(sys.modules, "av", None)
-    with pytest.raises(MissingDependencyError, match=r'pip install "layerlock-plugin\[video\]"'):
-        VideoFolderDataset(video_root, 4, 32)
 
 
 def test_digits_generation_is_fast_enough():

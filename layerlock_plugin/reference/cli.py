@@ -178,7 +178,7 @@ def resolve_config(args: argparse.Namespace):
     if args.resume and not _names_out_dir(args):
         overrides.append(f"out_dir={resume_dir}")  # the run continues where it lies, wherever it was first
     raw = apply_overrides(raw, overrides)
-    if getattr(args, "dry_run", False) and (raw.get("data") or {}).get("source") == "folder":
+    if getattr(args, "dry_run", False) and (raw.get("data") or {}).get("source") in ("folder", "shards"):
         # The cost does not depend on the data: size the run without needing its video folder.
         raw["data"] = {"source": "digits", "num_videos": 1}
     config = build_config(raw)

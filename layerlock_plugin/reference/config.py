@@ -5,7 +5,8 @@ Top-level sections (each error names the dotted path, e.g. ``optim.lr``)::
     method: layerlock | mae | freeze-only | latent-naive
     seed, out_dir
     model:    ModelConfig fields (+ optional ``preset``)
-    data:     source: digits (DigitsVideoConfig fields) | folder (VideoFolderConfig fields);
+    data:     source: digits (DigitsVideoConfig fields) | folder (VideoFolderConfig fields) |
+              shards (VideoShardsConfig fields);
               num_frames / size / channels default to the model's
     schedule, target, warmup, guard:  the LayerLock core configs
     optim:    AdamW + linear-warmup cosine LR
@@ -33,7 +34,7 @@ from ..errors import ConfigError
 from ..schedule import ScheduleConfig
 from ..targets import TargetConfig
 from ..warmup import WarmupConfig
-from .data import DigitsVideoConfig, VideoFolderConfig
+from .data import DigitsVideoConfig, VideoFolderConfig, VideoShardsConfig
 from .model import ModelConfig
 from .eval import ProbeConfig
 
@@ -147,7 +148,7 @@ class RunConfig:
     seed: int = 0
     out_dir: str | None = None  # the run folder; None: the CLI picks a fresh runs/<method>-<time>
     model: ModelConfig = field(default_factory=lambda: ModelConfig.tiny())
-    data: DigitsVideoConfig | VideoFolderConfig = field(default_factory=DigitsVideoConfig)
+    data: DigitsVideoConfig | VideoFolderConfig | VideoShardsConfig = field(default_factory=DigitsVideoConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
@@ -171,6 +172,8 @@ class RunConfig:
 
     @property
     def data_source(self) -> str:
+        if isinstance(self.data, VideoShardsConfig):
+            return "shards"
         return "folder" if isinstance(self.data, VideoFolderConfig) else "digits"
 
     def layerlock(self) -> LayerLockConfig:
@@ -204,14 +207,14 @@ def build_config(raw: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(unknown[0], f"unknown section; allowed: {', '.join(sorted(known))}")
     model = ModelConfig.from_dict(_section(raw, "model") or {"preset": "tiny"})
     data_raw = _section(raw, "data")
-    source = v.one_of("data.source", data_raw.pop("source", "digits"), ("digits", "folder"))
+    source = v.one_of("data.source", data_raw.pop("source", "digits"), ("digits", "folder", "shards"))
     data_raw.setdefault("num_frames", model.num_frames)
     data_raw.setdefault("size", model.img_size)
     if source == "digits":
         data_raw.setdefault("channels", model.in_chans)
-        data: DigitsVideoConfig | VideoFolderConfig = DigitsVideoConfig.from_dict(data_raw)
+        data: DigitsVideoConfig | VideoFolderConfig | VideoShardsConfig = DigitsVideoConfig.from_dict(data_raw)
     else:
-        data = from_dict(VideoFolderConfig, data_raw, "data")
+        data = from_dict(VideoFolderConfig if source == "folder" else VideoShardsConfig, data_raw, "data")
     probe_raw = _section(raw, "probe")
     probe_enabled = v.boolean("probe.enabled", probe_raw.pop("enabled", True))
     kwargs: dict[str, Any] = dict(

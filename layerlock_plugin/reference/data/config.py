@@ -1,12 +1,12 @@
 """The data configs, validated where they enter (errors name ``data.<field>``): :class:`DigitsVideoConfig`
-for the embedded moving digits (:mod:`.digits`), :class:`VideoFolderConfig` for a folder of real videos
-(:mod:`.video_folder`). They import no dataset code, so the run config can hold them cheaply.
+for the embedded moving digits (:mod:`.digits`); the real-video configs (:class:`VideoFolderConfig`,
+:class:`VideoShardsConfig`) live in :mod:`.video_config` and are re-exported here. They import no
+dataset code, so the run config can hold them cheaply.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,10 +14,11 @@ from ... import _validate as v
 from ..._config import from_dict
 from ...errors import ConfigError
 
-__all__ = ["DigitsVideoConfig", "VideoFolderConfig", "SPLITS", "VIDEO_EXTENSIONS"]
+from .video_config import VIDEO_EXTENSIONS, AugmentConfig, VideoFolderConfig, VideoShardsConfig
+
+__all__ = ["DigitsVideoConfig", "AugmentConfig", "VideoFolderConfig", "VideoShardsConfig", "SPLITS", "VIDEO_EXTENSIONS"]
 
 SPLITS = ("train", "test")
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 
 
 def _number_pair(field: str, value: Any, *, positive: bool = True) -> tuple[float, float]:
@@ -142,53 +143,3 @@ class DigitsVideoConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> DigitsVideoConfig:
         return from_dict(cls, d, "data")
-
-
-@dataclass(frozen=True)
-class VideoFolderConfig:
-    """Config of :class:`~.video_folder.VideoFolderDataset` (errors name ``data.<field>``).
-
-    ``frame_stride``: take every ``frame_stride``-th frame; the clip is centred in the video.
-    ``short_video``: for a video shorter than the clip span, ``'loop'`` plays it again from the
-    start, ``'repeat_last'`` holds its last frame. ``label_file``: mmaction2 list format
-    (``relative/path.mp4 label`` per line, paths relative to ``root``); when given, the dataset is
-    the listed videos only.
-    """
-
-    root: str = ""
-    num_frames: int = 8
-    size: int = 32
-    frame_stride: int = 2
-    label_file: str | None = None
-    extensions: tuple[str, ...] = VIDEO_EXTENSIONS
-    short_video: str = "loop"
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.root, (str, os.PathLike)) or str(self.root) == "":
-            raise ConfigError("data.root", f"must be a folder path, got {self.root!r}")
-        _set(self, "root", os.fspath(self.root))
-        if not os.path.isdir(self.root):
-            raise ConfigError("data.root", f"folder not found: {self.root}")
-        v.positive_int("data.num_frames", self.num_frames)
-        v.positive_int("data.size", self.size)
-        v.positive_int("data.frame_stride", self.frame_stride)
-        if self.label_file is not None:
-            if not isinstance(self.label_file, (str, os.PathLike)) or str(self.label_file) == "":
-                raise ConfigError("data.label_file", f"must be a file path or null, got {self.label_file!r}")
-            _set(self, "label_file", os.fspath(self.label_file))
-            if not os.path.isfile(self.label_file):
-                raise ConfigError("data.label_file", f"file not found: {self.label_file}")
-        exts = self.extensions
-        if isinstance(exts, str):
-            exts = (exts,)
-        if (
-            not isinstance(exts, (tuple, list))
-            or len(exts) == 0
-            or any(not isinstance(e, str) or not e.strip(".") for e in exts)
-        ):
-            raise ConfigError("data.extensions", f"must be a non-empty list of file extensions, got {self.extensions!r}")
-        _set(self, "extensions", tuple("." + e.lower().lstrip(".") for e in exts))
-        v.one_of("data.short_video", self.short_video, ("loop", "repeat_last"))
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)

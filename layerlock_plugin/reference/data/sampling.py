@@ -17,25 +17,33 @@ class StepBatchSampler(Sampler[list[int]]):
     by ``(seed, e)``, step ``s`` takes items ``s*B .. (s+1)*B`` of the concatenated epochs. Resuming
     at step ``s`` yields exactly the batches the uninterrupted run would have seen."""
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int, end_step: int):
+    def __init__(self, num_items: int, batch_size: int, seed: int, start_step: int, end_step: int,
+                 with_epoch: bool = False):
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.start_step, self.end_step = start_step, end_step
+        self.with_epoch = with_epoch  # yield (index, epoch) keys: a dataset that draws per epoch needs it
 
     def _epoch(self, e: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + e)
         return torch.randperm(self.num_items, generator=g)
 
     def batch(self, step: int) -> list[int]:
+        return [i for i, _ in self.batch_keys(step)]
+
+    def batch_keys(self, step: int) -> list[tuple[int, int]]:
+        """``(index, epoch)`` of each item of step ``step``'s batch."""
         first = step * self.batch_size
-        out: list[int] = []
+        out: list[tuple[int, int]] = []
         while len(out) < self.batch_size:
             e, i = divmod(first + len(out), self.num_items)
             perm = self._epoch(e)
             take = min(self.batch_size - len(out), self.num_items - i)
-            out += perm[i : i + take].tolist()
+            out += [(j, e) for j in perm[i : i + take].tolist()]
         return out
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int]]]:
+        if self.with_epoch:
+            return (self.batch_keys(s) for s in range(self.start_step, self.end_step))
         return (self.batch(s) for s in range(self.start_step, self.end_step))
 
     def __len__(self) -> int:

@@ -28,10 +28,11 @@ between devices inside a step), :mod:`.checkpointing`, :mod:`.run_log` (JSONL lo
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ from ...schedule import Plan
 from ...errors import ConfigError
 from ...masking import random_masking, subsample_indices
 from ..config import RunConfig, dump_config
-from ..data import DigitsVideoDataset, RankBatchSampler, StepBatchSampler, VideoFolderDataset
+from ..data import (BadVideoLog, DigitsVideoDataset, RankBatchSampler, StepBatchSampler, VideoFolderDataset,
+                    VideoIndex, build_index, collate_clips)
+from ..data.video_shards import VideoShardsDataset
 from ..model import VideoMAE
 from ..parallel import dcp
 from ..parallel.distributed import DistEnv, all_reduce_mean, barrier, check_batch, rank_seed, setup
@@ -70,11 +73,43 @@ class StepScalars:
     skipped: bool
 
 
-def build_dataset(config: RunConfig, split: str = "train") -> Dataset:
+def build_dataset(config: RunConfig, split: str = "train", env: DistEnv | None = None) -> Dataset:
+    """The run's dataset. Real video (``folder``, ``shards``) is opened lazily: a folder is indexed once
+    (its label file, or one listing on rank 0 shared with the other ranks), a shard stream is set up
+    per rank; ``split='train'`` augments, anything else gives the deterministic evaluation clips."""
+    env = env or DistEnv("none", 0, 1, 0, torch.device("cpu"), None)
+    if config.data_source in ("folder", "shards"):
+        per_rank = config.train.batch_size // env.world_size
+        if per_rank % config.data.num_clips:
+            raise ConfigError("data.num_clips", f"must divide the batch of each rank (train.batch_size / world size "
+                                                f"= {per_rank}), got {config.data.num_clips}")
     if config.data_source == "folder":
-        return VideoFolderDataset.from_config(config.data)
+        return VideoFolderDataset(config.data, train=split == "train", seed=config.seed, index=_index_once(config, env))
+    if config.data_source == "shards":
+        return VideoShardsDataset(config.data, seed=config.seed, rank=env.rank, world_size=env.world_size,
+                                  batch_size=config.train.batch_size // env.world_size // config.data.num_clips,
+                                  train=split == "train")
     # the embedded clips are rendered once up front (~1 ms each), so the loop never waits on data
     return DigitsVideoDataset(config.data, split=split, cache=True)
+
+
+def _index_once(config: RunConfig, env: DistEnv) -> VideoIndex:
+    """The folder's index, built by rank 0 alone (no rank opens a video) and sent to the others, so
+    every rank indexes the same list even if the file system changes under the run."""
+    if not env.distributed:
+        return build_index(config.data)
+    import torch.distributed as dist
+
+    box: list[Any] = [None, None]
+    if env.is_main:
+        try:
+            box[0] = build_index(config.data)
+        except ConfigError as e:  # every rank stops with rank 0's line
+            box[1] = e
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
 
 
 class Trainer:
@@ -117,7 +152,7 @@ class Trainer:
         # what: data, model (wrapped for the strategy before the optimizer exists: FSDP2 replaces the
         # parameters with sharded ones), optimizer, LR curve, LayerLock
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 does not broadcast them)
-        self.dataset = build_dataset(cfg, "train")
+        self.dataset = build_dataset(cfg, "train", self.env)
         ll_config = cfg.layerlock()
         max_frozen = cfg.schedule.resolve_max_frozen(cfg.model.depth - cfg.model.decoder_depth)
         latent_layers = range(1, max_frozen + 1) if ll_config.target.kind == "latent" else ()
@@ -337,12 +372,32 @@ class Trainer:
             self.save_checkpoint()
             self.log_source = None
 
-    def _loader(self, end: int) -> DataLoader:
-        cfg = self.config
-        sampler = RankBatchSampler(StepBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.seed, self.step, end),
-                                   self.env.rank, self.env.world_size)
-        return DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=cfg.train.num_workers > 0)
+    def _loader(self, end: int) -> Iterable[dict[str, Any]]:
+        """The batches of steps ``self.step .. end - 1`` for this rank. Digits and folders: batches as a
+        function of the step (:mod:`~layerlock_plugin.reference.data.sampling`), folder samples keyed by
+        (index, epoch); shards: the rank's stream from this step on. Real video passes through a
+        :class:`BadVideoLog` (one line per bad file; ``data.on_bad_video: raise`` stops here)."""
+        cfg, ds = self.config, self.dataset
+        pin = self.device.type == "cuda"
+        workers = cfg.train.num_workers
+        if cfg.data_source == "digits":
+            sampler = RankBatchSampler(StepBatchSampler(len(ds), cfg.train.batch_size, cfg.seed, self.step, end),
+                                       self.env.rank, self.env.world_size)
+            return DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
+                              persistent_workers=workers > 0)
+        k = cfg.data.num_clips
+        if cfg.data_source == "folder":
+            sampler = RankBatchSampler(StepBatchSampler(len(ds), cfg.train.batch_size // k, cfg.seed, self.step, end,
+                                                        with_epoch=True), self.env.rank, self.env.world_size)
+            loader: Iterable[dict[str, Any]] = DataLoader(ds, batch_sampler=sampler, num_workers=workers,
+                                                          collate_fn=collate_clips(k), pin_memory=pin)
+        else:
+            ds.check_workers(workers)
+            ds.start_step = self.step
+            loader = itertools.islice(DataLoader(ds, batch_size=ds.batch_size, num_workers=workers,
+                                                 collate_fn=collate_clips(k), pin_memory=pin), end - self.step)
+        log = BadVideoLog(cfg.data.on_bad_video, rank=self.env.rank if self.env.distributed else None)
+        return log.wrap(loader)
 
     def _finish(self, train_seconds: float) -> dict[str, Any]:
         """After the last step: the consolidated encoder (DCP runs), probes, the adaptive schedule's
