@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snapshots", type=int, nargs="+", default=None, help="default 50 150 300; quick 4 8")
     p.add_argument("--continue-steps", type=int, default=None, help="default 100; quick 4")
     p.add_argument("--eval-videos", type=int, default=None, help="held-out clips (default 256; quick 16)")
+    p.add_argument("--frozen", type=int, nargs="+", default=None,
+                   help="numbers of frozen blocks L to branch with (default: every L from 0 to encoder blocks - 1)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     add_run_args(p)
     args = p.parse_args(argv)
@@ -148,12 +150,16 @@ def main(argv: list[str] | None = None) -> int:
                 snapshots[step] = copy.deepcopy(base.model.state_dict())
         mae_final = held_out_loss(base.model, evalset)
         max_l = base.config.model.depth - base.config.model.decoder_depth - 1
+        frozen = sorted(set(args.frozen)) if args.frozen else list(range(max_l + 1))
+        if frozen[0] != 0 or frozen[-1] > max_l:
+            print(f"--frozen: must start with 0 (the MAE branch) and stay within 0..{max_l}", file=sys.stderr)
+            return 2
         print(f"layer_dynamics: MAE {steps} steps, held-out loss {mae_final:.4f}", flush=True)
 
         # 2. branches: freeze L blocks at snapshot s, continue `cont` steps on the batches s..s+cont
         grid: list[dict[str, Any]] = []
         for s in sorted(snapshots):
-            for L in range(max_l + 1):
+            for L in frozen:
                 br = trainer_for(tmp / f"s{s}-L{L}", "freeze-only" if L else "mae", cont, extra, frozen=L)
                 br.model.load_state_dict(snapshots[s])
                 at_snapshot = held_out_loss(br.model, evalset)
