@@ -14,6 +14,13 @@ linear, attentive and k-NN classifiers, ridge depth) on the config's data:
 * ``--runs DIR ...``: trained run folders (their ``checkpoint.pt``), e.g. MAE runs, printed beside
   random init and raw pixels.
 
+``--supervised multitask`` (the evidence suite's ladder) trains one encoder on every label of the data at
+once (:mod:`~layerlock_plugin.reference.eval.supervised_multitask`: each classification label and the
+per-token depth) instead of one per task, and applies the calibration rule
+(:mod:`~layerlock_plugin.reference.eval.calibration_rule`) to every task, depth readouts included: the
+verdict table says which tasks may enter a method comparison. The tasks are the data's labels (with
+``data.turn`` set: motion, appearance and turn).
+
 Checks (the ladder the probe must order; a failed check is reported, and the exit status is 1):
 the motion features read motion far above chance (headline accuracy >= majority share + 0.5); each
 supervised encoder fits its training labels (final train loss <= ln(K) / 2) and beats every random-init
@@ -22,6 +29,8 @@ seed on the task it was trained for.
     python benchmarks/calibration.py --quick                      # seconds: CI smoke
     python benchmarks/calibration.py                              # the packaged config, 3 random-init seeds
     python benchmarks/calibration.py --runs runs/bench/mae_setting/std-s0 --tag mae
+    python benchmarks/calibration.py --config layerlock_plugin/reference/configs/evidence.yaml \
+        --supervised multitask --supervised-lrs 6e-4 --tag evidence         # the evidence suite
 
 Writes ``benchmarks/results/calibration[-TAG].json`` (every rung's probes, the checks, provenance), ``.md``
 (the table) and ``.png`` (headline probe per task and rung, chance marked).
@@ -49,12 +58,15 @@ from layerlock_plugin.reference.config import RunConfig, build_config, load_conf
 from layerlock_plugin.reference.data import DigitsVideoDataset  # noqa: E402
 from layerlock_plugin.reference.model import VideoMAE  # noqa: E402
 from layerlock_plugin.reference.eval import run_probes  # noqa: E402
+from layerlock_plugin.reference.eval.calibration_rule import task_verdicts  # noqa: E402
+from layerlock_plugin.reference.eval.supervised_multitask import (  # noqa: E402
+    MultiTaskEncoder, multitask_accuracy, train_multitask)
 
 TASKS = ("motion", "appearance")
 KINDS = ("linear", "attentive", "knn")
 QUICK_SETS = ["data.num_videos=48", "train.batch_size=8", "train.steps=4", "optim.warmup_steps=1",
               "probe.train_videos=32", "probe.test_videos=32", "probe.steps=10", "probe.weight_decay=1.0",
-              "probe.l2=0.01", "probe.knn_k=5", "probe.max_iter=10"]
+              "probe.l2=0.01", "probe.knn_k=5", "probe.max_iter=10", "probe.dense_steps=10"]
 
 
 def random_init(config: RunConfig, seed: int) -> VideoMAE:
@@ -97,13 +109,41 @@ def supervised_job(job: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+def multitask_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Train one encoder on every label (peak ``lr``) on the fitted clips; returns its held-out accuracy per
+    task (own heads), final train loss, seconds and weights (a worker function: runs in a spawned process)."""
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
+    config = build_config(job["config"])
+    train = DigitsVideoDataset(config.data, "train", cache=True)
+    tasks = list(train.num_classes)
+    fit, val = held_out_split(train, job["val_fraction"], job["seed"])
+    losses: list[float] = []
+    started = time.perf_counter()
+    model = train_multitask(config.model, train, tasks, steps=config.train.steps, batch_size=config.train.batch_size,
+                            optim=config.optim, lr=job["lr"], indices=fit, seed=job["seed"],
+                            log=lambda step, loss: losses.append(loss))
+    tail = losses[-max(1, len(losses) // 10):] or [float("nan")]
+    acc = multitask_accuracy(model, train, val, tasks)
+    row = {"task": "all", "tasks": tasks, "lr": job["lr"], "fit_clips": len(fit), "val_clips": len(val),
+           "val_acc": sum(acc.values()) / len(acc), "val_acc_per_task": acc,
+           "final_train_loss": sum(tail) / len(tail), "train_s": round(time.perf_counter() - started, 1),
+           "state": model.state_dict()}
+    print(f"  supervised (all labels) lr {job['lr']:g}: final train loss {row['final_train_loss']:.3f}, held-out "
+          + ", ".join(f"{t} {a:.3f}" for t, a in acc.items()) + f" ({row['train_s']:.0f} s)", flush=True)
+    return row
+
+
 def ladder(config: RunConfig, seeds: list[int], runs: list[Path], lrs: list[float], jobs: int = 1, threads: int = 0,
-           log=print) -> list[dict[str, Any]]:
+           log=print, supervised_mode: str = "per-task") -> list[dict[str, Any]]:
     """Probe every rung; returns one row per rung (``name``, ``kind`` of rung, ``probes``, seconds).
-    The supervised encoders (every task x learning rate in ``lrs``) train first, ``jobs`` at a time."""
-    supervised = run_jobs(supervised_job, [{"config": config.to_dict(), "task": t, "lr": lr, "seed": seeds[0],
-                                            "val_fraction": 0.125, "threads": threads}
-                                           for t in TASKS for lr in lrs], jobs)
+    The supervised encoders (every task x learning rate in ``lrs``, or one on all labels per learning rate
+    with ``supervised_mode='multitask'``) train first, ``jobs`` at a time."""
+    base = {"config": config.to_dict(), "seed": seeds[0], "val_fraction": 0.125, "threads": threads}
+    if supervised_mode == "multitask":
+        supervised = run_jobs(multitask_job, [{**base, "lr": lr} for lr in lrs], jobs)
+    else:
+        supervised = run_jobs(supervised_job, [{**base, "task": t, "lr": lr} for t in TASKS for lr in lrs], jobs)
     train = DigitsVideoDataset(config.data, "train", cache=True)
     test = DigitsVideoDataset(config.data, "test")
     grid, tubelet = config.model.grid, config.model.tubelet
@@ -114,23 +154,31 @@ def ladder(config: RunConfig, seeds: list[int], runs: list[Path], lrs: list[floa
         res = run_probes(encode, train, test, grid, tubelet, config.probe)  # encodes under no_grad
         rows.append({"name": name, "rung": rung, "probes": res, "probe_s": round(time.perf_counter() - started, 1),
                      **extra})
-        log(f"  {name:>26}: " + ", ".join(f"{t} {res[f'{t}_acc']:.3f}" for t in TASKS)
-            + f", depth R² {res['dense_r2']:.3f}  ({rows[-1]['probe_s']:.0f} s)")
+        log(f"  {name:>26}: " + ", ".join(f"{t} {res[f'{t}_acc']:.3f}" for t in train.num_classes)
+            + f", depth R² {res['dense_r2']:.3f}"
+            + (f" (attentive {res['dense_attentive_r2']:.3f})" if "dense_attentive_r2" in res else "")
+            + f"  ({rows[-1]['probe_s']:.0f} s)")
 
     probe("raw pixels", "pixels", pixel_tokens(tubelet))
     probe("motion features", "motion_features", motion_tokens(tubelet))
     for s in seeds:
         probe(f"random init (seed {s})", "random_init", random_init(config, s).encode, seed=s)
-    for task in TASKS:
+    for task in (["all"] if supervised_mode == "multitask" else TASKS):
         tried = [r for r in supervised if r["task"] == task]
         best = max(tried, key=lambda r: r["val_acc"])  # ties: the first (higher) learning rate
-        model = SupervisedEncoder(config.model, train.num_classes[task])
+        if task == "all":
+            model = MultiTaskEncoder(config.model, {t: train.num_classes[t] for t in best["tasks"]})
+        else:
+            model = SupervisedEncoder(config.model, train.num_classes[task])
         model.load_state_dict(best.pop("state"))
         for r in tried:
             r.pop("state", None)
-        probe(f"supervised {task}", f"supervised_{task}", model.eval().encode, task=task, seed=seeds[0],
-              lr=best["lr"], val_acc=best["val_acc"], train_s=best["train_s"],
-              final_train_loss=best["final_train_loss"], num_classes=train.num_classes[task], lr_grid=tried)
+        extra = ({"val_acc_per_task": best["val_acc_per_task"]} if task == "all"
+                 else {"num_classes": train.num_classes[task]})
+        probe("supervised (all labels)" if task == "all" else f"supervised {task}",
+              "supervised" if task == "all" else f"supervised_{task}", model.eval().encode, task=task,
+              seed=seeds[0], lr=best["lr"], val_acc=best["val_acc"], train_s=best["train_s"],
+              final_train_loss=best["final_train_loss"], lr_grid=tried, **extra)
     for folder in runs:
         model, raw = encoder_of_run(folder)
         probe(f"{raw.get('method', 'run')} {folder.name}", "run", model.encode, folder=str(folder),
@@ -160,16 +208,39 @@ def checks(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def markdown(rows: list[dict[str, Any]], checks_: list[dict[str, Any]], meta: dict[str, Any], config: RunConfig) -> str:
-    heads = [f"{t} {k}" for t in TASKS for k in KINDS] + ["depth R²"]
+def verdict_markdown(verdicts: dict[str, dict[str, Any]]) -> str:
+    """The calibration rule's table: per task the supervised rung beside its baselines, and the verdict."""
+    from layerlock_plugin.reference.eval.calibration_rule import ABOVE_CHANCE, MARGIN
+
+    lines = [f"Calibration rule (fixed before any method is compared): supervised >= chance + {ABOVE_CHANCE} and "
+             f">= the best of raw pixels and every random-init seed + {MARGIN} (temporal-semantic tasks: also >= "
+             f"hand-made motion features + {MARGIN}); accuracy for classification (headline probe), R² for depth.",
+             "", "| task | supervised | chance | raw pixels | random init (seeds) | motion features | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for task, v in verdicts.items():
+        rand = [x for k, x in v["baselines"].items() if k.startswith("random init")]
+        mf = "–" if v["motion_features"] is None else f"{v['motion_features']:.3f}"
+        verdict = "**calibrated**" if v["passed"] else f"uncalibrated ({v['why']})"
+        lines.append(f"| {task}{' (temporal-semantic)' if v['temporal_semantic'] else ''} | {v['supervised']:.3f} | "
+                     f"{v['chance']:.3f} | {v['baselines']['raw pixels']:.3f} | "
+                     f"{' / '.join(f'{x:.3f}' for x in rand)} | {mf} | {verdict} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(rows: list[dict[str, Any]], checks_: list[dict[str, Any]], meta: dict[str, Any], config: RunConfig,
+             verdicts: dict[str, dict[str, Any]] | None = None) -> str:
+    tasks = [k[: -len("_num_classes")] for k in rows[0]["probes"] if k.endswith("_num_classes")]
+    dense = ["dense_r2"] + (["dense_attentive_r2"] if "dense_attentive_r2" in rows[0]["probes"] else [])
+    heads = [f"{t} {k}" for t in tasks for k in KINDS] + [{"dense_r2": "depth R² (ridge)",
+                                                          "dense_attentive_r2": "depth R² (attentive)"}[d] for d in dense]
     lines = [f"| rung | {' | '.join(heads)} |", "|---" * (len(heads) + 1) + "|"]
     for r in rows:
         p = r["probes"]
-        cells = [f"{p[f'{t}_{k}_acc']:.3f}" for t in TASKS for k in KINDS] + [f"{p['dense_r2']:.3f}"]
+        cells = [f"{p[f'{t}_{k}_acc']:.3f}" for t in tasks for k in KINDS] + [f"{p[d]:.3f}" for d in dense]
         lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
     p0 = rows[0]["probes"]
     lines += ["", "Chance: " + ", ".join(f"{t} uniform {p0[f'{t}_chance_uniform']:.3f}, majority "
-                                       f"{p0[f'{t}_chance_majority']:.3f}" for t in TASKS)
+                                       f"{p0[f'{t}_chance_majority']:.3f}" for t in tasks)
               + f". Headline probe: {config.probe.kind}; features standardised with probe-train statistics "
               f"({config.probe.normalize}).", ""]
     sup = [r for r in rows if r["rung"].startswith("supervised")]
@@ -183,8 +254,14 @@ def markdown(rows: list[dict[str, Any]], checks_: list[dict[str, Any]], meta: di
                 ("**" if g["lr"] == r["lr"] else "") + f"lr {g['lr']:g}: {g['final_train_loss']:.3f} / "
                 f"{g['val_acc']:.3f} ({g['train_s']:.0f} s)" + ("**" if g["lr"] == r["lr"] else "")
                 for g in r["lr_grid"]))
+            if "val_acc_per_task" in r:
+                lines.append("  held-out accuracy of its own heads: " + ", ".join(
+                    f"{t} {a:.3f}" for t, a in r["val_acc_per_task"].items()))
         lines.append("")
-    lines += ["| check | value | threshold | passed |", "|---|---|---|---|"]
+    if verdicts is not None:
+        lines += [verdict_markdown(verdicts)]
+    if checks_:
+        lines += ["| check | value | threshold | passed |", "|---|---|---|---|"]
     lines += [f"| {c['check']} | {c['value']:.3f} | {c['threshold']:.3f} | {'yes' if c['passed'] else '**no**'} |"
               for c in checks_]
     lines += ["", f"{meta['machine']}, torch {meta['torch']}, {meta['layerlock_plugin']}, {meta['date_utc']}.",
@@ -193,12 +270,15 @@ def markdown(rows: list[dict[str, Any]], checks_: list[dict[str, Any]], meta: di
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
-    fig = figure(12, 4.5)
-    axes = fig.subplots(1, 3)
+    p0 = rows[0]["probes"]
+    tasks = [k[: -len("_num_classes")] for k in p0 if k.endswith("_num_classes")]
+    panels = [(f"{t}_acc", f"{t} (headline probe)", t) for t in tasks] + [("dense_r2", "depth R² (ridge per token)", None)]
+    if "dense_attentive_r2" in p0:
+        panels.append(("dense_attentive_r2", "depth R² (attentive)", None))
+    fig = figure(4 * len(panels), 4.5)
+    axes = fig.subplots(1, len(panels))
     names = [r["name"] for r in rows]
-    for ax, (key, title, chance) in zip(axes, [("motion_acc", "motion (headline probe)", "motion"),
-                                                ("appearance_acc", "appearance (headline probe)", "appearance"),
-                                                ("dense_r2", "depth R² (ridge per token)", None)]):
+    for ax, (key, title, chance) in zip(axes, panels):
         vals = [r["probes"][key] for r in rows]
         ax.barh(range(len(rows)), vals, color=[f"C{i % 10}" for i in range(len(rows))])
         ax.set_yticks(range(len(rows)), names if ax is axes[0] else [""] * len(rows), fontsize=8)
@@ -224,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--supervised-lrs", nargs="+", type=float, default=list(SUPERVISED_LRS),
                    help="peak learning rates tried for the supervised rungs (chosen on held-out train clips)")
     p.add_argument("--jobs", type=int, default=1, help="supervised encoders trained in parallel processes")
+    p.add_argument("--supervised", choices=("per-task", "multitask"), default="per-task",
+                   help="one supervised encoder per task, or one on every label at once with the calibration "
+                        "rule applied to every task (the evidence suite)")
     add_run_args(p)
     args = p.parse_args(argv)
     suffix = start_run(args)
@@ -232,12 +315,16 @@ def main(argv: list[str] | None = None) -> int:
     meta = provenance()
     print(f"calibration: {config.train.steps} supervised steps x {config.train.batch_size}, random-init seeds {seeds}",
           flush=True)
-    rows = ladder(config, seeds, [Path(r) for r in args.runs], args.supervised_lrs, args.jobs, args.threads)
-    checks_ = checks(rows)
+    rows = ladder(config, seeds, [Path(r) for r in args.runs], args.supervised_lrs, args.jobs, args.threads,
+                  supervised_mode=args.supervised)
+    multitask = args.supervised == "multitask"
+    checks_ = [] if multitask else checks(rows)
+    verdicts = task_verdicts(rows) if multitask else None
     results = Path(args.results_dir)
     write_json(results / f"calibration{suffix}.json", {"study": "calibration", "provenance": meta,
-                                                        "config": config.to_dict(), "rows": rows, "checks": checks_})
-    md = markdown(rows, checks_, meta, config)
+                                                        "config": config.to_dict(), "rows": rows, "checks": checks_,
+                                                        "verdicts": verdicts})
+    md = markdown(rows, checks_, meta, config, verdicts)
     (results / f"calibration{suffix}.md").write_text(md)
     plot(rows, results / f"calibration{suffix}.png")
     print(md)

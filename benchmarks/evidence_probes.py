@@ -23,8 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerlock_plugin.reference.probes import _pick, _single_thread, _split, attentive_inputs
-from layerlock_plugin.reference.rope import sincos_pos_embed_3d
+from layerlock_plugin.reference.eval.attentive import attentive_inputs
+from layerlock_plugin.reference.eval.suite import _pick, _split
+from layerlock_plugin.reference.eval.threads import single_thread as _single_thread
+from layerlock_plugin.reference.model.rope import sincos_pos_embed_3d
 
 
 class AttentiveDenseReadout(nn.Module):
@@ -141,8 +143,8 @@ def probe_suite(tr: dict[str, torch.Tensor], te: dict[str, torch.Tensor], grid: 
                 num_classes: dict[str, int], tasks: Sequence[str], dense_attentive: bool = True) -> dict[str, float]:
     """Every probe of ``layerlock_plugin.reference.probes`` on any classification ``tasks`` (not only motion
     and appearance), plus the attentive depth readout. ``tr``/``te`` as ``extract_features`` returns them."""
-    from layerlock_plugin.reference.probes import (_attentive_classification, _chance, _dense, _linear_or_knn,
-                                                    fit_feature_norm, pool_features)
+    from layerlock_plugin.reference.eval.features import fit_feature_norm, pool_features
+    from layerlock_plugin.reference.eval.suite import _attentive_classification, _chance, _dense, _linear_or_knn
 
     norm = fit_feature_norm(tr["features"], cfg.normalize, cfg.whiten_eps)
     f_tr, f_te = norm(tr["features"]), norm(te["features"])

@@ -40,10 +40,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import provenance, write_json  # noqa: E402
 
-from layerlock_plugin.reference import data as D  # noqa: E402
-from layerlock_plugin.reference.calibration import SupervisedEncoder  # noqa: E402
+from layerlock_plugin.reference.data import digits as D  # noqa: E402
+from layerlock_plugin.reference.data import DigitsVideoConfig as _DVC  # noqa: E402
+from layerlock_plugin.reference.eval.calibration import SupervisedEncoder  # noqa: E402
 from layerlock_plugin.reference.model import ModelConfig  # noqa: E402
-from layerlock_plugin.reference.optim import cosine_with_warmup, param_groups  # noqa: E402
+from layerlock_plugin.reference.train.optim import cosine_with_warmup, param_groups  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ class Design:
 class DesignDigits(D.DigitsVideoDataset):
     """:class:`DigitsVideoDataset` with the options of :class:`Design` (see the module docstring)."""
 
-    def __init__(self, config: D.DigitsVideoConfig, split: str, design: Design, cache: bool = False):
+    def __init__(self, config: _DVC, split: str, design: Design, cache: bool = False):
         self.design = design
         super().__init__(config, split, cache=cache)
         if design.turn:
@@ -174,7 +175,7 @@ def parse_sets(sets: list[str]) -> tuple[dict[str, Any], dict[str, Any], dict[st
 
 def build(sets: list[str], num_videos: int, num_test: int) -> tuple[DesignDigits, DesignDigits, ModelConfig]:
     design, data, model = parse_sets(sets)
-    dcfg = D.DigitsVideoConfig(**{"num_videos": num_videos, "num_test_videos": num_test, "standardize": True, **data})
+    dcfg = _DVC(**{"num_videos": num_videos, "num_test_videos": num_test, "standardize": True, **data})
     dz = Design(**design)
     mcfg = ModelConfig.tiny(**{"mask_ratio": 0.75, **model})
     return DesignDigits(dcfg, "train", dz), DesignDigits(dcfg, "test", dz), mcfg
@@ -247,7 +248,7 @@ def own_accuracy(model, ds, n, task):
 
 
 def stack_all(ds, idx, tasks, tubelet):
-    from layerlock_plugin.reference.probes import token_depth_targets
+    from layerlock_plugin.reference.eval import token_depth_targets
 
     items = [ds[int(i)] for i in idx]
     out = {t: torch.stack([it[t] for it in items]) for t in tasks}
@@ -311,9 +312,9 @@ def calib(args) -> int:
     import json
 
     from evidence_probes import probe_suite
-    from layerlock_plugin.reference.calibration import motion_tokens, pixel_tokens
+    from layerlock_plugin.reference.eval.calibration import motion_tokens, pixel_tokens
     from layerlock_plugin.reference.model import VideoMAE
-    from layerlock_plugin.reference.probes import ProbeConfig, extract_features
+    from layerlock_plugin.reference.eval import ProbeConfig, extract_features
 
     torch.set_num_threads(args.threads)
     train, test, mcfg = build(args.sets, 4096, 512)

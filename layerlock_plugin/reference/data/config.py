@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ... import _validate as v
 from ..._config import from_dict
@@ -37,6 +37,14 @@ def _number_pair(field: str, value: Any, *, positive: bool = True) -> tuple[floa
     return lo, hi
 
 
+def _unit_pair(field: str, value: Any) -> tuple[float, float]:
+    """A (lo, hi) pair within [0, 1]."""
+    lo, hi = _number_pair(field, value, positive=False)
+    if lo < 0 or hi > 1:
+        raise ConfigError(field, f"must be a pair [lo, hi] within [0, 1], got {value!r}")
+    return lo, hi
+
+
 def _set(obj: Any, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)  # normalise fields of a frozen dataclass
 
@@ -62,6 +70,15 @@ class DigitsVideoConfig:
     embedding sees low-contrast ``[0, 1]`` pixels starts with its content far below the blocks'
     initial output in the residual stream and learns very slowly; per-patch-normalised pixel
     targets are unchanged by it (they are invariant to a per-channel affine map).
+
+    The evidence suite's options (defaults: the packaged clips, bit for bit). ``placement``: ``'wrap'``
+    (the digit wraps around the frame edges) or ``'inside'`` (its whole trajectory stays inside the
+    frame; needs ``size >= digit_size[1] + max(speeds) * num_frames``). ``turn``: degrees (0 to 180; 0 =
+    no turn) by which the velocity turns at the middle frame, counter-clockwise (label ``turn`` 0) or
+    clockwise (1). ``digit_saturation``: ``[lo, hi]`` saturation of the digit's colour (``[0, 0]``: grey;
+    ``None``: the packaged tint, 0.6-1); ``digit_value``: ``[lo, hi]`` brightness of the digit's colour
+    (packaged 1); ``background_value``: ``[lo, hi]`` brightness of the background's albedo (``None``: the
+    packaged 0.5-0.9).
     """
 
     num_videos: int = 2048
@@ -81,6 +98,13 @@ class DigitsVideoConfig:
     test_digit_fraction: float = 0.3
     standardize: bool = False
     seed: int = 0
+    placement: str = "wrap"
+    turn: float = 0.0
+    digit_saturation: tuple[float, float] | None = None
+    digit_value: tuple[float, float] = (1.0, 1.0)
+    background_value: tuple[float, float] | None = None
+
+    PLACEMENTS: ClassVar[tuple[str, ...]] = ("wrap", "inside")
 
     def __post_init__(self) -> None:
         v.positive_int("data.num_videos", self.num_videos)
@@ -124,6 +148,43 @@ class DigitsVideoConfig:
         _set(self, "test_digit_fraction", f)
         v.boolean("data.standardize", self.standardize)
         v.non_negative_int("data.seed", self.seed)
+        self._check_evidence_options()
+
+    def _check_evidence_options(self) -> None:
+        v.one_of("data.placement", self.placement, self.PLACEMENTS)
+        if self.placement == "inside" and self.size < self.digit_size[1] + max(self.speeds) * self.num_frames:
+            raise ConfigError(
+                "data.placement",
+                f"'inside' needs data.size >= digit_size[1] + max(speeds) * num_frames = "
+                f"{self.digit_size[1] + max(self.speeds) * self.num_frames:g} px (room for any trajectory), "
+                f"got size {self.size}",
+            )
+        turn = v.non_negative_float("data.turn", self.turn)
+        if turn > 180:
+            raise ConfigError("data.turn", f"must be an angle in [0, 180] degrees, got {self.turn!r}")
+        _set(self, "turn", turn)
+        if self.digit_saturation is not None:
+            if self.channels != 3:
+                raise ConfigError("data.digit_saturation", "needs data.channels = 3 (a grey clip has no saturation)")
+            _set(self, "digit_saturation", _unit_pair("data.digit_saturation", self.digit_saturation))
+        _set(self, "digit_value", _unit_pair("data.digit_value", self.digit_value))
+        if self.background_value is not None:
+            _set(self, "background_value", _unit_pair("data.background_value", self.background_value))
+
+    @property
+    def uses_evidence_options(self) -> bool:
+        """True when any option of the evidence suite differs from the packaged clips (then a second,
+        independent random stream per clip draws them; the packaged draws stay as they are)."""
+        return (self.placement != "wrap" or self.turn != 0 or self.digit_saturation is not None
+                or self.digit_value != (1.0, 1.0) or self.background_value is not None)
+
+    @property
+    def label_classes(self) -> dict[str, int]:
+        """Class count per classification label of a clip: ``motion``, ``appearance`` and, with a turn, ``turn``."""
+        out = {"motion": self.num_motion_classes, "appearance": 10}
+        if self.turn:
+            out["turn"] = 2
+        return out
 
     @property
     def num_motion_classes(self) -> int:

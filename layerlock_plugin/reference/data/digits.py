@@ -12,6 +12,22 @@ The digit wraps around the frame edges (a torus), so its position in any one fra
 independent of its direction: no single frame tells the motion class, and the class-mean clip is
 the same for every direction (a linear probe on raw pixels is near chance on motion).
 
+The evidence suite's options (:class:`~.config.DigitsVideoConfig`; off by default) make a clip a small
+ViT can learn from and add a temporal task:
+
+* ``placement: inside`` keeps the whole trajectory inside the frame. Wrapped around the edges, the digit
+  is cut in pieces at opposite sides in most frames, and a ViT with a non-toroidal position code never
+  learned digit identity from such clips, even from labels; inside, it does.
+* ``turn`` (degrees): at the middle frame the velocity turns counter-clockwise (label ``turn`` 0) or
+  clockwise (1). Telling them apart needs the motion before and after the turn set in relation (the
+  sign of their cross product): frame differences pooled over the clip do not give it, a supervised
+  encoder learns it.
+* ``digit_saturation`` / ``digit_value`` / ``background_value``: fewer colour nuisances (a grey digit on a
+  darker background); with the packaged tints a small ViT learns digit identity far more slowly.
+
+The middle-frame position of an ``inside`` clip is drawn from one box for every clip, so no single
+frame's position distribution depends on the turn label.
+
 Conventions: ``video`` is float32 ``[C, T, H, W]`` in ``[0, 1]`` (per-channel standardised with
 ``standardize``); direction class ``k`` of ``K``
 points at angle ``2*pi*k/K`` counter-clockwise from the +x axis (class 0 moves right, and with
@@ -149,7 +165,7 @@ class DigitsVideoDataset(Dataset):
         self.digit_indices = digit_split_indices(split, config.test_digit_fraction)
         self._images = images
         self._targets = targets
-        self.num_classes = {"motion": config.num_motion_classes, "appearance": 10}
+        self.num_classes = config.label_classes
         self._cache: dict[str, torch.Tensor] | None = None
         if cache:
             self._cache = self._render_all()
@@ -218,7 +234,52 @@ class DigitsVideoDataset(Dataset):
             "digit_color": digit_color,
             "background_albedo": bg_albedo,
             "noise_seed": int(rng.integers(2**63 - 1)),
+            **(self._evidence_params(index, digit_size, velocity, digit_color, bg_albedo)
+               if cfg.uses_evidence_options else {}),
         }
+
+    def _evidence_params(self, index: int, digit_size: float, velocity: tuple[float, float],
+                         digit_color: np.ndarray, bg_albedo: np.ndarray) -> dict[str, Any]:
+        """The evidence suite's draws (``DigitsVideoConfig`` docstring), from a second random stream per
+        clip so that the packaged draws above stay as they are. Every draw is made whichever options are
+        set (a fixed order: part of the determinism contract); only the options set are applied."""
+        cfg = self.config
+        rng = np.random.default_rng(np.random.SeedSequence([cfg.seed, self._split_id, index, 1]))
+        turn = int(rng.integers(2))
+        a = math.radians(cfg.turn) * (1 if turn == 0 else -1)
+        # rotation by +a counter-clockwise as seen on screen (y points down)
+        c, s = math.cos(a), math.sin(a)
+        vx, vy = velocity
+        out: dict[str, Any] = {"turn": turn, "velocity_after": (vx * c + vy * s, -vx * s + vy * c)}
+        if cfg.placement == "inside":
+            # the centre at the middle frame, from one box for every clip: room for any trajectory
+            reach = max(cfg.speeds) * cfg.num_frames / 2
+            lo, hi = digit_size / 2 + reach, cfg.size - digit_size / 2 - reach
+            out["middle"] = tuple(float(x) for x in rng.uniform(lo, hi, size=2))
+        value = float(rng.uniform(*cfg.digit_value))
+        bg_value = float(rng.uniform(*(cfg.background_value or (0.5, 0.9))))
+        hue = float(rng.uniform())
+        if cfg.digit_saturation is not None:
+            digit_color = _hsv_to_rgb(hue, float(rng.uniform(*cfg.digit_saturation)), 1.0)
+        out["digit_color"] = (digit_color * value).astype(np.float32)
+        if cfg.background_value is not None:
+            out["background_albedo"] = (bg_albedo / max(float(bg_albedo.max()), 1e-6) * bg_value).astype(np.float32)
+        return out
+
+    def _centres(self, p: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """The digit's centre ``(x [T], y [T])`` in pixels: a straight line through ``start``, or (evidence
+        options) two legs meeting at the middle frame ``T // 2`` with ``velocity`` then ``velocity_after``."""
+        cfg = self.config
+        t = np.arange(cfg.num_frames, dtype=np.float64)
+        (vx, vy), (x0, y0) = p["velocity"], p["start"]
+        if not cfg.uses_evidence_options:
+            return x0 + vx * t, y0 + vy * t
+        tm = cfg.num_frames // 2
+        v1, v2 = np.array(p["velocity"]), np.array(p["velocity_after"])
+        rel = np.where((t < tm)[:, None], (t - tm)[:, None] * v1, (t - tm)[:, None] * v2)  # [T, 2]
+        mid = np.array(p["middle"]) if cfg.placement == "inside" else np.array(p["start"]) + tm * v1
+        pos = mid + rel
+        return pos[:, 0], pos[:, 1]
 
     def render(self, index: int) -> dict[str, torch.Tensor]:
         """Render sample ``index`` (what ``dataset[index]`` returns without the cache)."""
@@ -241,10 +302,9 @@ class DigitsVideoDataset(Dataset):
         lo = cfg.depth_range[0]
         bg = p["background_albedo"][:, None, None] * ((1.0 - cfg.texture + cfg.texture * tex) * np.exp(-(zb - lo) / cfg.fog))
         # Digit: bilinear upscale + toroidal placement as two separable sampling matrices per frame.
-        t = np.arange(T, dtype=np.float64)
-        (vx, vy), (x0, y0) = p["velocity"], p["start"]
-        my = _sampling_matrix(y0 + vy * t, p["digit_size"], S)  # [T, H, 8]
-        mx = _sampling_matrix(x0 + vx * t, p["digit_size"], S)  # [T, W, 8]
+        cx, cy = self._centres(p)
+        my = _sampling_matrix(cy, p["digit_size"], S)  # [T, H, 8]
+        mx = _sampling_matrix(cx, p["digit_size"], S)  # [T, W, 8]
         img = self._images[p["digit_index"]]
         alpha = np.clip(np.matmul(np.matmul(my, img), mx.transpose(0, 2, 1)), 0.0, 1.0)  # [T, H, W]
         fg = p["digit_color"] * math.exp(-(p["digit_depth"] - lo) / cfg.fog)  # [C]
@@ -258,12 +318,15 @@ class DigitsVideoDataset(Dataset):
             mean, std = channel_stats(cfg)
             video = (video - mean[:, None, None, None]) / std[:, None, None, None]
         depth = np.where(alpha >= 0.5, np.float32(p["digit_depth"]), zb[None]).astype(np.float32)
-        return {
+        out = {
             "video": torch.from_numpy(np.ascontiguousarray(video)),
             "motion": torch.tensor(p["motion"], dtype=torch.long),
             "appearance": torch.tensor(p["appearance"], dtype=torch.long),
             "depth": torch.from_numpy(np.ascontiguousarray(depth)),
         }
+        if cfg.turn:
+            out["turn"] = torch.tensor(p["turn"], dtype=torch.long)
+        return out
 
     def _render_all(self) -> dict[str, torch.Tensor]:
         first = self.render(0)

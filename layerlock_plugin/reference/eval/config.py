@@ -50,6 +50,11 @@ class ProbeConfig:
       features are those of the linear probe (``pooling``).
 
     ``l2`` also regularises the dense depth ridge probe.
+
+    ``dense_kinds``: the depth read-outs fitted, ``'ridge'`` (per token, the headline ``dense_r2``) and/or
+    ``'attentive'`` (4DS style, :mod:`.dense_attentive`, reported as ``dense_attentive_r2``): at most
+    ``dense_steps`` AdamW steps at ``dense_lr`` on minibatches of ``dense_batch_size`` videos with weight
+    decay ``dense_weight_decay``, early-stopped on the held-out probe-train videos.
     """
 
     train_videos: int = 512
@@ -72,7 +77,13 @@ class ProbeConfig:
     attn_dim: int = 96
     knn_k: int | tuple[int, ...] = (5, 20, 50)
     knn_temperature: float = 0.07
+    dense_kinds: tuple[str, ...] = ("ridge",)
+    dense_steps: int = 400
+    dense_lr: float = 1e-3
+    dense_weight_decay: float = 0.05
+    dense_batch_size: int = 128
 
+    DENSE_KINDS: ClassVar[tuple[str, ...]] = ("ridge", "attentive")
     KINDS: ClassVar[tuple[str, ...]] = ("linear", "attentive", "knn")
     NORMALIZATIONS: ClassVar[tuple[str, ...]] = ("standardize", "whiten", "layer_norm", "none")
     POOLINGS: ClassVar[tuple[str, ...]] = ("mean", "temporal_slots", "tokens_pca")
@@ -115,6 +126,19 @@ class ProbeConfig:
             )
         object.__setattr__(self, "knn_k", _grid_field("probe.knn_k", self.knn_k, v.positive_int))
         object.__setattr__(self, "knn_temperature", v.positive_float("probe.knn_temperature", self.knn_temperature))
+        dense = (self.dense_kinds,) if isinstance(self.dense_kinds, str) else self.dense_kinds
+        if not isinstance(dense, (list, tuple)) or len(dense) == 0 or "ridge" not in dense:
+            raise ConfigError("probe.dense_kinds", f"must be a list of {', '.join(self.DENSE_KINDS)} that holds "
+                                                   f"'ridge' (the headline depth probe); got {self.dense_kinds!r}")
+        dense = tuple(v.one_of("probe.dense_kinds", k, self.DENSE_KINDS) for k in dense)
+        if len(set(dense)) != len(dense):
+            raise ConfigError("probe.dense_kinds", f"must not repeat a kind, got {self.dense_kinds!r}")
+        object.__setattr__(self, "dense_kinds", dense)
+        v.positive_int("probe.dense_steps", self.dense_steps)
+        object.__setattr__(self, "dense_lr", v.positive_float("probe.dense_lr", self.dense_lr))
+        object.__setattr__(self, "dense_weight_decay",
+                           v.non_negative_float("probe.dense_weight_decay", self.dense_weight_decay))
+        v.positive_int("probe.dense_batch_size", self.dense_batch_size)
 
     @property
     def l2_grid(self) -> tuple[float, ...]:

@@ -15,11 +15,12 @@ from torch.utils.data import Dataset
 
 from .attentive import attentive_inputs, fit_attentive
 from .config import ProbeConfig
+from .dense_attentive import attentive_depth
 from .features import Encode, extract_features, fit_feature_norm, pool_features
 from .knn import fit_knn
 from .linear import fit_logistic, fit_ridge
 
-__all__ = ["CLASS_TASKS", "probe_features", "probe_report", "run_probes"]
+__all__ = ["CLASS_TASKS", "classification_tasks", "probe_features", "probe_report", "run_probes"]
 
 CLASS_TASKS = ("motion", "appearance")
 
@@ -210,7 +211,7 @@ def probe_features(
     f_tr, f_te = norm(tr["features"]), norm(te["features"])
 
     out: dict[str, float] = {"train_videos": float(len(f_tr)), "test_videos": float(len(f_te))}
-    tasks = [t for t in CLASS_TASKS if t in tr and t in te]
+    tasks = classification_tasks(tr, te, num_classes)
     classes = _task_classes(tasks, num_classes, (tr, te))
     ys_tr = {t: tr[t].reshape(-1).long() for t in tasks}
     ys_te = {t: te[t].reshape(-1).long() for t in tasks}
@@ -246,7 +247,18 @@ def probe_features(
         out["dense_rmse"] = rmse
         out["dense_r2"] = r2
         out["dense_l2"] = l2
+        if "attentive" in cfg.dense_kinds:
+            out.update(attentive_depth(f_tr, tr["depth_tokens"], f_te, te["depth_tokens"], grid, cfg))
     return out
+
+
+def classification_tasks(tr: Mapping[str, Any], te: Mapping[str, Any],
+                         num_classes: Mapping[str, int] | None) -> list[str]:
+    """The classification labels both feature sets carry: :data:`CLASS_TASKS` first, then any other label
+    the dataset declares in ``num_classes`` (e.g. the evidence suite's ``turn``), in that order."""
+    declared = list(num_classes or {})
+    ordered = list(CLASS_TASKS) + [t for t in declared if t not in CLASS_TASKS]
+    return [t for t in ordered if t in tr and t in te and (t in CLASS_TASKS or t in declared)]
 
 
 def run_probes(
@@ -263,13 +275,13 @@ def run_probes(
     """Encode probe-train/test videos with the frozen ``encode`` and fit every probe.
 
     ``num_classes``: ``{task: K}``; default ``train_set.num_classes`` (the dataset's class counts).
-    Returns, per classification task (``motion``, ``appearance``; a task whose label is missing from
-    the items is skipped): ``<task>_acc`` (the headline ``kind``), ``<task>_<kind>_acc`` for every kind
+    Returns, per classification task (``motion``, ``appearance`` and any other label ``num_classes``
+    declares, such as ``turn``; a task whose label is missing from the items is skipped): ``<task>_acc`` (the headline ``kind``), ``<task>_<kind>_acc`` for every kind
     in ``kinds`` (test accuracy in [0, 1]), ``<task>_chance_uniform`` (``1 / K``),
     ``<task>_chance_majority`` (majority-class share on test), ``<task>_num_classes`` and the chosen
     regularisation (``<task>_linear_l2``, ``<task>_attentive_weight_decay``, ``<task>_knn_k``); then
-    ``dense_rmse`` / ``dense_r2`` (per-token depth, in the dataset's depth units) with ``dense_l2``,
-    and the number of videos used (``train_videos`` / ``test_videos``).
+    ``dense_rmse`` / ``dense_r2`` (per-token depth, in the dataset's depth units) with ``dense_l2``
+    (and ``dense_attentive_*`` with ``dense_kinds`` holding ``'attentive'``), and the number of videos used (``train_videos`` / ``test_videos``).
     """
     cfg = config or ProbeConfig()
     grid = tuple(int(x) for x in grid)
