@@ -598,7 +598,11 @@ def test_main_job_prints_and_saves_probes_beside_random_init(tmp_path, capsys):
     assert probes["motion_chance_uniform"] == 1 / 8 and probes["appearance_chance_uniform"] == 1 / 10
     assert (f"motion {probes['motion_acc']:.3f} (random init {base['motion_acc']:.3f}, uniform chance 0.125, "
             f"majority {probes['motion_chance_majority']:.3f})") in printed
-    assert f"depth R2 {probes['dense_r2']:.3f} (random init {base['dense_r2']:.3f}" in printed
+    # the packaged suite's calibration: motion passed; appearance and depth are marked (no verdict on them)
+    assert (f"appearance [uncalibrated] {probes['appearance_acc']:.3f} (random init {base['appearance_acc']:.3f}"
+            in printed)
+    assert f"depth [uncalibrated] R2 {probes['dense_r2']:.3f} (random init {base['dense_r2']:.3f}" in printed
+    assert "motion [uncalibrated]" not in printed
     assert "every probe kind, trained / random init: motion linear" in printed
 
 

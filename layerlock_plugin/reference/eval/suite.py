@@ -295,26 +295,38 @@ def run_probes(
     return probe_features(tr, te, grid, cfg, num_classes)
 
 
-def probe_report(probes: Mapping[str, Any], kind: str) -> str:
+def probe_report(probes: Mapping[str, Any], kind: str, marks: Mapping[str, str] | None = None) -> str:
     """The main job's probe lines: each task's headline probe beside the random-init encoder and chance,
     then every probe kind (``trained / random init``).
 
     ``probes``: :func:`run_probes`' keys plus a ``random_init`` dict of the same keys (what
-    ``Trainer.run_probes`` returns)."""
+    ``Trainer.run_probes`` returns). ``marks``: ``{task: 'calibrated' | 'uncalibrated'}`` (depth as
+    ``'depth'``, see :func:`~.suites.calibration_marks`); an uncalibrated task is shown ``[uncalibrated]``:
+    it may not carry a verdict."""
     base = probes.get("random_init", {})
+    marks = marks or {}
+
+    def name(task: str) -> str:
+        return f"{task} [uncalibrated]" if marks.get(task) == "uncalibrated" else task
+
+    tasks = list(CLASS_TASKS) + sorted(k[: -len("_num_classes")] for k in probes
+                                       if k.endswith("_num_classes") and k[: -len("_num_classes")] not in CLASS_TASKS)
     parts, kinds = [], []
-    for task in ("motion", "appearance"):
+    for task in tasks:
         if f"{task}_acc" not in probes:
             continue
-        parts.append(f"{task} {probes[f'{task}_acc']:.3f} (random init {base.get(f'{task}_acc', float('nan')):.3f}, "
+        parts.append(f"{name(task)} {probes[f'{task}_acc']:.3f} (random init {base.get(f'{task}_acc', float('nan')):.3f}, "
                      f"uniform chance {probes[f'{task}_chance_uniform']:.3f}, "
                      f"majority {probes[f'{task}_chance_majority']:.3f})")
         kinds.append(f"{task} " + ", ".join(
             f"{k} {probes[key]:.3f} / {base.get(key, float('nan')):.3f}"
             for k in ("linear", "attentive", "knn") if (key := f"{task}_{k}_acc") in probes))
     if "dense_r2" in probes:
-        parts.append(f"depth R2 {probes['dense_r2']:.3f} (random init {base.get('dense_r2', float('nan')):.3f}; "
+        parts.append(f"{name('depth')} R2 {probes['dense_r2']:.3f} (random init {base.get('dense_r2', float('nan')):.3f}; "
                      f"RMSE {probes['dense_rmse']:.3f} vs {base.get('dense_rmse', float('nan')):.3f})")
+    if "dense_attentive_r2" in probes:
+        parts.append(f"{name('depth_attentive')} R2 {probes['dense_attentive_r2']:.3f} "
+                     f"(random init {base.get('dense_attentive_r2', float('nan')):.3f})")
     lines = [f"probes (frozen features, {kind} classifier): " + "; ".join(parts)]
     if kinds:
         lines.append("  every probe kind, trained / random init: " + "; ".join(kinds))
