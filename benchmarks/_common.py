@@ -166,7 +166,9 @@ def aggregate_seeds(rows: list[dict[str, Any]], names: list[str], name_key: str,
             entry[key] = mean_std([r["probes"][key] for r in mine if key in r["probes"]])
         for key in stats:
             entry[key] = mean_std([r[key] for r in mine])
-        for task in ("motion", "appearance"):
+        for task in ("motion", "appearance", "turn"):
+            if f"{task}_chance_uniform" not in mine[0]["probes"]:
+                continue
             for level in ("uniform", "majority"):
                 entry[f"{task}_chance_{level}"] = mine[0]["probes"].get(f"{task}_chance_{level}")
         table[name] = entry
@@ -246,7 +248,7 @@ def seeds_markdown(table: dict[str, dict[str, Any]], columns: list[tuple[str, st
     any_e = next(iter(table.values()), {})
     lines.append("")
     chance = ", ".join(f"{t} {any_e.get(f'{t}_chance_uniform')} (1/K) / {any_e.get(f'{t}_chance_majority')} (majority)"
-                       for t in ("motion", "appearance"))
+                       for t in ("motion", "appearance", "turn") if f"{t}_chance_uniform" in any_e)
     lines.append(f"Chance: {chance}. "
                  f"mean ± std over seeds (sample std). {note + ' ' if note else ''}"
                  f"{meta['machine']}, torch {meta['torch']}, {meta['date_utc']}.")

@@ -14,7 +14,8 @@ with the target pass on the queried + visible tokens only, ``target.context=spar
 
 The freezing schedule keeps the tiny config's shape for any ``--steps``: pixels for 40% of the run, then
 one more block frozen every 2/15 of the run until 3 of the 4 encoder blocks are frozen (at 1500 steps:
-events at 600, 800, 1000, exactly the packaged config).
+events at 600, 800, 1000, exactly the packaged config). ``--config FILE --schedule config`` runs another
+config (e.g. ``configs/evidence.yaml``) with its own schedule and step budget as they are.
 
     python benchmarks/reproduction.py --quick                 # minutes: tiny budget, 1 seed, CI smoke
     python benchmarks/reproduction.py                         # full: 4 methods x 3 seeds x 1500 steps
@@ -79,12 +80,14 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 PAPER_METHODS = ["mae", "freeze-only", "layerlock", "latent-naive"]
 # Columns of the table: (key in probes.json, header, higher is better)
 METRICS = [("motion_acc", "motion acc", True), ("appearance_acc", "appearance acc", True),
-           ("dense_r2", "depth R²", True), ("dense_rmse", "depth RMSE", False)]
+           ("turn_acc", "turn acc", True), ("dense_r2", "depth R²", True),
+           ("dense_attentive_r2", "depth R² (attentive)", True), ("dense_rmse", "depth RMSE", False)]
 STATS = [("final_loss", "final loss"), ("encoder_feature_std", "enc. feature std"),
          ("encoder_effective_rank", "enc. eff. rank")]
 
 QUICK_SETS = ["data.num_videos=64", "train.batch_size=8", "probe.train_videos=48", "probe.test_videos=48",
-              "probe.steps=20", "probe.weight_decay=1.0", "probe.l2=0.01", "train.log_every=2", "guard.every=2"]
+              "probe.steps=20", "probe.weight_decay=1.0", "probe.l2=0.01", "train.log_every=2", "guard.every=2",
+              "probe.dense_steps=10"]
 
 
 def schedule_sets(steps: int) -> list[str]:
@@ -95,11 +98,13 @@ def schedule_sets(steps: int) -> list[str]:
             f"warmup.steps={warm}", f"optim.warmup_steps={max(1, round(100 * steps / 1500))}"]
 
 
-def run_overrides(variant: str, seed: int, steps: int, out: Path, extra: list[str], threads: int) -> list[str]:
+def run_overrides(variant: str, seed: int, steps: int, out: Path, extra: list[str], threads: int,
+                  schedule: str = "shape") -> list[str]:
     method, variant_sets = VARIANTS[variant]
+    shape = schedule_sets(steps) if schedule == "shape" else []
     # variant-specific overrides come after the schedule-derived ones, so e.g. warmup.steps=0 wins
     return [f"out_dir={out}", f"method={method}", f"seed={seed}", f"train.steps={steps}", "train.progress=false",
-            f"train.threads={threads}", f"train.ckpt_every={steps}", *schedule_sets(steps), *extra, *variant_sets]
+            f"train.threads={threads}", f"train.ckpt_every={steps}", *shape, *extra, *variant_sets]
 
 
 @torch.no_grad()
@@ -120,13 +125,13 @@ def finished_row(job: dict[str, Any]) -> dict[str, Any] | None:
     if not done.is_file():
         return None
     row = json.loads(done.read_text())
-    return row if row.get("config") == load_config(None, job["overrides"]).to_dict() else None
+    return row if row.get("config") == load_config(job.get("config_file"), job["overrides"]).to_dict() else None
 
 
 def run_one(job: dict[str, Any]) -> dict[str, Any]:
     """Train (or read back) one run; returns its row."""
     out = Path(job["out"])
-    config = load_config(None, job["overrides"])
+    config = load_config(job.get("config_file"), job["overrides"])
     done = out / "row.json"
     row = finished_row(job)
     if row is not None:
@@ -151,26 +156,33 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     }
     done.write_text(json.dumps(row))
     print(f"  {job['variant']:>20} seed {job['seed']}: {row['wall_s']:.0f} s, loss {row['final_loss']:.4f}, "
-          + ", ".join(f"{k} {row['probes'].get(k, float('nan')):.3f}" for k, _, _ in METRICS), flush=True)
+          + ", ".join(f"{k} {row['probes'][k]:.3f}" for k, _, _ in METRICS if k in row["probes"]), flush=True)
     return row
+
+
+def metrics_of(rows: list[dict[str, Any]]) -> list[tuple[str, str, bool]]:
+    """The :data:`METRICS` every run's probes carry (the turn label and the attentive depth readout only
+    exist on the evidence suite)."""
+    return [m for m in METRICS if all(m[0] in r["probes"] for r in rows)]
 
 
 def aggregate(rows: list[dict[str, Any]], variants: list[str], reference: str) -> dict[str, dict[str, Any]]:
     """Mean ± std per variant, then ``random init``: the probes of the reference variant's initial
     encoders (same seeds, before training)."""
-    table = aggregate_seeds(rows, variants, "variant", [k for k, _, _ in METRICS],
+    metrics = [k for k, _, _ in metrics_of(rows)]
+    table = aggregate_seeds(rows, variants, "variant", metrics,
                             [k for k, _ in STATS] + ["train_flops", "train_s", "guard_trips"])
     base = [{"variant": "random init", "seed": r["seed"], "probes": r["probes"]["random_init"]}
             for r in rows if r["variant"] == reference and "random_init" in r["probes"]]
-    table.update(aggregate_seeds(base, ["random init"], "variant", [k for k, _, _ in METRICS], []))
+    table.update(aggregate_seeds(base, ["random init"], "variant", metrics, []))
     return table
 
 
 def markdown(table: dict[str, dict[str, Any]], diffs: dict[str, dict[str, Any]], reference: str, steps: int,
-             meta: dict[str, Any]) -> str:
-    cols = [(k, h) for k, h, _ in METRICS] + STATS + [("guard_trips", "guard trips")]
+             meta: dict[str, Any], metrics: list[tuple[str, str, bool]] = METRICS) -> str:
+    cols = [(k, h) for k, h, _ in metrics] + STATS + [("guard_trips", "guard trips")]
     md = seeds_markdown(table, cols, steps, meta, note="random init: the reference variant's encoders before training.")
-    return md + paired_markdown(diffs, reference, [(k, h) for k, h, _ in METRICS if k != "dense_rmse"])
+    return md + paired_markdown(diffs, reference, [(k, h) for k, h, _ in metrics if k != "dense_rmse"])
 
 
 def plot_collapse(rows: list[dict[str, Any]], path: Path) -> Path:
@@ -200,13 +212,14 @@ def plot_collapse(rows: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def merged_rows(path: Path, steps: int, extra: list[str], methods: list[str]) -> tuple[list[dict], dict]:
+def merged_rows(path: Path, steps: int, extra: list[str], methods: list[str],
+                config_file: str | None = None) -> tuple[list[dict], dict]:
     """The runs of an earlier results file of this study and its provenance, refused (ValueError naming the
     field) unless it was run with the same steps and extra overrides and none of its variants is re-run."""
     earlier = json.loads(path.read_text())
     if earlier.get("study") != "reproduction":
         raise ValueError(f"--merge-from: {path} is not a reproduction results file")
-    for field, mine in (("steps", steps), ("extra_overrides", extra)):
+    for field, mine in (("steps", steps), ("extra_overrides", extra), ("config_file", config_file)):
         if earlier.get(field) != mine:
             raise ValueError(f"--merge-from: {path} has {field}={earlier.get(field)!r}, this call {mine!r}; "
                              "only runs of the same protocol can share a table")
@@ -224,7 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny budget (24 steps, 64 clips, 1 seed): a smoke run")
     p.add_argument("--methods", nargs="+", default=None, choices=sorted(VARIANTS), metavar="VARIANT")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 1500; quick 24)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per run (default 1500, or the config's with --schedule config; quick 24)")
+    p.add_argument("--config", default=None, help="trainer config (default: the packaged tiny one)")
+    p.add_argument("--schedule", choices=("shape", "config"), default="shape",
+                   help="'shape': the packaged schedule's shape scaled to --steps; 'config': the config's own")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="extra trainer override applied to every run (same for all methods)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (each with --threads threads)")
@@ -242,19 +259,22 @@ def main(argv: list[str] | None = None) -> int:
 
     methods = args.methods or PAPER_METHODS
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    steps = args.steps or (24 if args.quick else 1500)
+    if args.schedule == "config" and not args.steps and not args.quick:
+        steps = load_config(args.config, []).train.steps
+    else:
+        steps = args.steps or (24 if args.quick else 1500)
     extra = (QUICK_SETS if args.quick else []) + args.sets
     tag = args.tag or ("quick" if args.quick else "")
     suffix = f"-{tag}" if tag else ""
     runs = Path(args.runs_dir) / f"reproduction{suffix}"
-    jobs = [{"variant": v, "seed": s, "out": str(runs / f"{v}-s{s}"),
-             "overrides": run_overrides(v, s, steps, runs / f"{v}-s{s}", extra, args.threads)}
+    jobs = [{"variant": v, "seed": s, "out": str(runs / f"{v}-s{s}"), "config_file": args.config,
+             "overrides": run_overrides(v, s, steps, runs / f"{v}-s{s}", extra, args.threads, args.schedule)}
             for s in seeds for v in methods]
     meta = provenance()
     earlier_rows, merged = [], None
     if args.merge_from is not None:
         try:
-            earlier_rows, merged = merged_rows(args.merge_from, steps, extra, methods)
+            earlier_rows, merged = merged_rows(args.merge_from, steps, extra, methods, args.config)
         except (OSError, ValueError, KeyError) as e:
             print(e if isinstance(e, ValueError) else f"--merge-from: cannot read {args.merge_from}: {e}",
                   file=sys.stderr)
@@ -281,16 +301,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"merged {len(earlier_rows)} runs ({', '.join(merged['methods'])}) from {args.merge_from}")
     reference = args.reference or methods[0]
     table = aggregate(rows, methods, reference)
-    diffs = paired_table(rows, methods, reference, "variant", [k for k, _, _ in METRICS])
+    metrics = metrics_of(rows)
+    diffs = paired_table(rows, methods, reference, "variant", [k for k, _, _ in metrics])
     results = Path(args.results_dir)
     payload = {"study": "reproduction", "provenance": meta, "steps": steps, "methods": methods, "seeds": seeds,
-               "extra_overrides": extra, "reference": reference, "table": table, "differences": diffs,
+               "extra_overrides": extra, "config_file": args.config, "schedule": args.schedule,
+               "reference": reference, "table": table, "differences": diffs,
                "runs": [{k: v for k, v in r.items() if k != "config"} for r in rows],
                "config_of_first_run": config_of_first_run}
     if merged is not None:
         payload["merged_from"] = merged
     write_json(results / f"reproduction{suffix}.json", payload)
-    md = markdown(table, diffs, reference, steps, meta)
+    md = markdown(table, diffs, reference, steps, meta, metrics)
     if merged is not None:
         prov = merged["provenance"]
         md += (f"\nRuns of {', '.join(merged['methods'])} merged from {merged['path']} "
