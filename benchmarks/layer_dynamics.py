@@ -131,6 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tmpdir)
         # 1. the MAE run: norms every `every` steps, snapshots kept
         base = trainer_for(tmp / "mae", "mae", steps, extra)
+        max_l = base.config.model.depth - base.config.model.decoder_depth - 1
+        frozen = sorted(set(args.frozen)) if args.frozen else list(range(max_l + 1))
+        if frozen[0] != 0 or frozen[-1] > max_l:
+            print(f"--frozen: must hold 0 (the MAE branch) and stay within 0..{max_l}", file=sys.stderr)
+            return 2
         evalset = eval_set(base.config, n_eval)
         names = [n for n, _ in units(base.model)]
         prev = {n: flat(ps) for n, ps in units(base.model)}
@@ -149,11 +154,6 @@ def main(argv: list[str] | None = None) -> int:
             if step in snaps:
                 snapshots[step] = copy.deepcopy(base.model.state_dict())
         mae_final = held_out_loss(base.model, evalset)
-        max_l = base.config.model.depth - base.config.model.decoder_depth - 1
-        frozen = sorted(set(args.frozen)) if args.frozen else list(range(max_l + 1))
-        if frozen[0] != 0 or frozen[-1] > max_l:
-            print(f"--frozen: must start with 0 (the MAE branch) and stay within 0..{max_l}", file=sys.stderr)
-            return 2
         print(f"layer_dynamics: MAE {steps} steps, held-out loss {mae_final:.4f}", flush=True)
 
         # 2. branches: freeze L blocks at snapshot s, continue `cont` steps on the batches s..s+cont

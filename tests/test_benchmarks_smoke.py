@@ -91,8 +91,10 @@ def test_reproduction_quick(tmp_path):
     res = _outputs(tmp_path, "reproduction-quick")
     assert (tmp_path / "collapse-quick.png").stat().st_size > 0
     assert list(res["table"]) == rep.PAPER_METHODS + ["random init"]
+    # the packaged suite has no turn label and no attentive depth readout: those columns are left out
+    assert [k for k, _, _ in rep.metrics_of(res["runs"])] == ["motion_acc", "appearance_acc", "dense_r2", "dense_rmse"]
     for method, entry in res["table"].items():
-        for key, _, _ in rep.METRICS:
+        for key, _, _ in rep.metrics_of(res["runs"]):
             assert all(math.isfinite(x) for x in entry[key]), (method, key)
     naive = next(r for r in res["runs"] if r["variant"] == "latent-naive")
     assert any("layerlock/feature_std" in p for p in naive["collapse_over_time"])
@@ -118,6 +120,24 @@ def test_reproduction_quick(tmp_path):
 
 
 @pytest.mark.timeout(240)
+def test_reproduction_quick_on_a_config_with_its_own_schedule(tmp_path):
+    rep = _load("reproduction")
+    config = str(Path(__file__).resolve().parents[1] / "layerlock_plugin/reference/configs/evidence.yaml")
+    args = ["--quick", "--steps", "4", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs"),
+            "--config", config, "--schedule", "config", "--methods", "mae", "freeze-only", "--tag", "evidence",
+            "--set", "model.depth=5", "--set", "schedule.pixel_steps=1", "--set", "schedule.interval=1",
+            "--set", "schedule.max_frozen=2", "--set", "warmup.steps=1"]
+    assert rep.main(args) == 0
+    res = _outputs(tmp_path, "reproduction-evidence")
+    assert res["config_file"] == config and res["schedule"] == "config"
+    keys = [k for k, _, _ in rep.metrics_of(res["runs"])]
+    assert "turn_acc" in keys and "dense_attentive_r2" in keys
+    assert "turn_acc" in res["differences"]["freeze-only"]
+    frozen = next(r for r in res["runs"] if r["variant"] == "freeze-only")["events"]
+    assert [n for _, n in frozen] == [1, 2]  # the config's schedule (as overridden), not the packaged shape
+
+
+@pytest.mark.timeout(240)
 def test_layer_dynamics_quick(tmp_path):
     ld = _load("layer_dynamics")
     assert ld.main(["--quick", "--snapshots", "4", "--results-dir", str(tmp_path)]) == 0
@@ -127,6 +147,10 @@ def test_layer_dynamics_quick(tmp_path):
     assert [g["frozen"] for g in res["convergence"]] == [0, 1, 2, 3]
     assert all(math.isfinite(g["final_loss"]) for g in res["convergence"])
     assert res["units"][:2] == ["stem", "block_1"] and len(res["norm_curves"]) == 6
+    # --frozen picks the branches; it must hold the MAE branch (L = 0) and stay within the encoder
+    assert ld.main(["--quick", "--snapshots", "4", "--frozen", "0", "2", "--results-dir", str(tmp_path), "--tag", "f"]) == 0
+    assert [g["frozen"] for g in _outputs(tmp_path, "layer_dynamics-f")["convergence"]] == [0, 2]
+    assert ld.main(["--quick", "--frozen", "1", "2", "--results-dir", str(tmp_path), "--tag", "g"]) == 2
 
 
 @pytest.mark.timeout(240)
@@ -172,6 +196,19 @@ def test_calibration_quick(tmp_path):
         grid = r["lr_grid"]
         assert [g["lr"] for g in grid] == list(cal.SUPERVISED_LRS) and all(g["task"] == r["task"] for g in grid)
         assert r["lr"] == max(grid, key=lambda g: g["val_acc"])["lr"] and "state" not in grid[0]
+
+
+@pytest.mark.timeout(240)
+def test_calibration_quick_multitask_applies_the_rule_to_every_task(tmp_path):
+    cal = _load("calibration")
+    config = str(Path(__file__).resolve().parents[1] / "layerlock_plugin/reference/configs/evidence.yaml")
+    assert cal.main(["--quick", "--config", config, "--supervised", "multitask", "--supervised-lrs", "6e-4",
+                     "--set", "model.depth=4", "--results-dir", str(tmp_path), "--threads", "1"]) == 0
+    res = _outputs(tmp_path, "calibration-quick")
+    assert [r["rung"] for r in res["rows"]] == ["pixels", "motion_features", "random_init", "supervised"]
+    assert set(res["verdicts"]) == {"motion", "appearance", "turn", "depth", "depth_attentive"}
+    assert res["verdicts"]["turn"]["temporal_semantic"] and all(isinstance(v["passed"], bool) for v in res["verdicts"].values())
+    assert "Calibration rule" in (tmp_path / "calibration-quick.md").read_text()
 
 
 @pytest.mark.timeout(240)
