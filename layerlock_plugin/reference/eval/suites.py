@@ -30,7 +30,7 @@ SUITES: dict[str, dict[str, Any]] = {
         "data": {"standardize": True, "speeds": (1.0, 1.5), "placement": "inside", "turn": 90.0,
                  "digit_saturation": (0.0, 0.0), "background_value": (0.2, 0.5)},
         "architecture": "width 96, 9 encoder + 2 decoder blocks, 3000 steps x 32",
-        "calibrated": (),  # filled in from the calibration run (RESULTS.md, the evidence setting)
+        "calibrated": ("motion", "appearance", "turn", "depth", "depth_attentive"),
         "results": "benchmarks/results/calibration-evidence.json",
     },
 }
