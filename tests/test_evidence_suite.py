@@ -228,3 +228,17 @@ def test_probe_command_prints_each_task_beside_random_init_and_its_mark(tmp_path
     assert set(rows) == {"motion", "appearance", "depth"}
     assert rows["motion"][-1] == "calibrated" and rows["appearance"][-1] == "uncalibrated"
     assert rows["motion"][3] == "0.125"  # uniform chance 1/8 beside the trained and random-init scores
+
+
+def test_the_recorded_calibration_is_the_benchmarks_verdict():
+    """``suites.py`` lists exactly the tasks the committed calibration run passed."""
+    import json
+    from pathlib import Path
+
+    from layerlock_plugin.reference.eval.suites import SUITES
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results/calibration-evidence.json").read_text())
+    passed = tuple(t for t, v in res["verdicts"].items() if v["passed"])
+    assert passed == SUITES["evidence"]["calibrated"]
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in res["config"]["data"].items()}
+    assert suite_of(DigitsVideoConfig(**{k: v for k, v in data.items() if k != "source"})) == "evidence"
