@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +45,10 @@ from ...errors import ConfigError
 from ...masking import random_masking, subsample_indices
 from ..config import RunConfig, dump_config
 from ..data import DigitsVideoDataset, RankBatchSampler, StepBatchSampler, VideoFolderDataset
+from ..data.device_clips import DeviceClips, fits, storage_dtype
 from ..model import VideoMAE
 from ..parallel import dcp
-from ..parallel.distributed import DistEnv, all_reduce_mean, barrier, check_batch, rank_seed, setup
+from ..parallel.distributed import DistEnv, all_reduce_mean, barrier, check_batch, device_flags, rank_seed, setup
 from ..parallel.parallelize import Parallelized, clip_grad_norm
 from . import budget
 from .checkpointing import Checkpointer
@@ -63,11 +64,14 @@ from .throughput import Throughput
 @dataclass(frozen=True)
 class StepScalars:
     """What one training step reports: ``values [len(names)]`` averaged over ranks, on the device (read
-    on the host once per log window); ``skipped``: the guard dropped the update."""
+    on the host once per log window); ``skipped``: the guard dropped the update; ``guard_pending``: on a
+    step whose guard statistics are computed late, this rank's measures and the target's token sample
+    (the loop keeps them until the log row, see :meth:`Trainer._complete_guard_window`)."""
 
     names: tuple[str, ...]
     values: torch.Tensor
     skipped: bool
+    guard_pending: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def build_dataset(config: RunConfig, split: str = "train") -> Dataset:
@@ -105,11 +109,15 @@ class Trainer:
         self.env: DistEnv = setup(cfg.train.strategy, cfg.train.device, cfg.train.dist_timeout_s)
         self.echo = echo if self.env.is_main else (lambda s: None)
         self.device = self.env.device
-        # PyTorch/XLA: no host read inside a step, so the guard's measures are decided at the next log row
-        # or checkpoint (see _decide_guard_late); guard.policy 'skip', which gates its own step, is refused.
-        self.guard_deferred = self.device.type == "xla"
+        # The collapse guard decides late: its measures stay on the device and are decided, in step order, at
+        # the next log row or checkpoint (_decide_guard_late), so a step never waits for the device; only
+        # guard.policy 'skip', whose decision gates its own step's update, reads them inside the step (one
+        # host sync per step), which PyTorch/XLA (no host read inside a step's graph) refuses.
+        self.guard_deferred = cfg.guard.policy in ("warn", "raise")
         self._guard_decided = 0  # steps whose guard measures have been decided (deferred mode)
-        if self.guard_deferred and cfg.guard.policy == "skip":
+        # (step, (measures, target token sample)) of the log window's measured steps, awaiting their spectrum
+        self._guard_samples: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = []
+        if self.device.type == "xla" and cfg.guard.policy == "skip":
             raise ConfigError("guard.policy", "'skip' needs a host decision inside every step, which the XLA device "
                                               "does not make (its guard decides at log steps); use warn, raise or off")
         self.micro_batch = check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.env.world_size)
@@ -158,6 +166,7 @@ class Trainer:
         self._last_ckpt_time = time.monotonic()
         self.applied_lr = 0.0  # the LR of the last optimizer step, switch-warmup factor included
         self._folder_ready = False
+        self._device_clips: DeviceClips | None = None  # the cached clips on the device, put there at the first fit
         if checkpoint is not None:
             self._check_budget(self.checkpointer.resume(checkpoint), extend)
 
@@ -189,14 +198,14 @@ class Trainer:
             parts_sum = p if parts_sum is None else parts_sum + p
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip) \
             if self.config.optim.grad_clip > 0 else torch.zeros((), device=self.device)
-        guard = self.layerlock.guard_measure(loss_sum, targets)  # on the device, no sync
+        guard, pending = self._guard_measures(loss_sum, targets)  # on the device, no sync
         names, values = self.reduce(loss_sum, parts_sum, heads, grad_norm, guard)
-        host = values.tolist() if guard is not None and not self.guard_deferred else None  # the step's one sync
-        if host is not None:
+        if guard is not None and not self.guard_deferred:  # 'skip': the step's one sync gates its update
+            host = values.tolist()
             self._read_flags(dict(zip(names, host)))
             decision = self.layerlock.end_step(measured=host[len(names) - len(MEASURES):])  # same on every rank
         elif guard is not None:
-            decision = self.layerlock.last_decision  # deferred (XLA): no skip, decided at the next read
+            decision = self.layerlock.last_decision  # deferred: no skip, decided at the next read
         else:
             decision = self.layerlock.end_step(loss_sum)
         self.applied_lr = self.scheduler.get_last_lr()[0] * self.layerlock.warmup_factor(plan)
@@ -206,13 +215,39 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.parallel.end_step()  # XLA: the step's graph ends here
-        return StepScalars(names, values, decision.skip)
+        return StepScalars(names, values, decision.skip, pending)
+
+    def _guard_measures(self, loss_sum: torch.Tensor, targets: dict[str, torch.Tensor] | None
+                        ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+        """This step's guard measures ``[len(MEASURES)]`` on the device (None: guard off) and, deferred, what
+        the target's spectrum is computed from later: ``(this rank's measures, token sample [S, D])`` on a
+        measured step, else None (see :meth:`_complete_guard_window`)."""
+        if not self.guard_deferred:
+            return self.layerlock.guard_measure(loss_sum, targets), None
+        measures, sample = self.layerlock.guard_measure_deferred(loss_sum, targets)
+        return measures, (None if sample is None else (measures, sample))
+
+    def _complete_guard_window(self) -> None:
+        """The measured steps of the log window get their target statistics: each kept token sample's
+        spectrum, completed into that step's measures, averaged over ranks in one all-reduce (every rank
+        reaches this row or checkpoint at the same step with the same measured steps) and written into
+        the step's entry of the window before it is read: the values the step would have reduced itself."""
+        if not self._guard_samples:
+            return
+        complete = self.layerlock.guard.complete
+        full = all_reduce_mean(torch.stack([complete(m, s) for _, (m, s) in self._guard_samples]), self.env)
+        first = self.step - self.log.window_length
+        names = tuple(f"_guard/{m}" for m in MEASURES)
+        for (step, _), values in zip(self._guard_samples, full):
+            self.log.patch_step(step - first, names, values)
+        self._guard_samples = []
 
     def _decide_guard_late(self) -> None:
-        """Deferred guard (XLA): decide every logged step not decided yet, in order, from the host values
-        of the log window (the window's one transfer, shared with the log row)."""
+        """Deferred guard: decide every step not decided yet, in order, from the host values of the log
+        window (the window's one transfer, shared with the log row)."""
         if not self.guard_deferred:
             return
+        self._complete_guard_window()
         window = self.log.window_values()
         first = self.step - len(window)  # the step index of the window's first entry
         for i, values in enumerate(window):
@@ -229,7 +264,7 @@ class Trainer:
         stops or checkpoints at the same step (a flag raised on any rank has a mean above 0)."""
         minutes = self.config.train.ckpt_every_minutes
         due = minutes > 0 and time.monotonic() - self._last_ckpt_time >= 60 * minutes
-        flags = torch.tensor([float(self.stop.requested), float(due)], device=self.device)
+        flags = device_flags((self.stop.requested, due), self.device)
         parts = [loss_sum.reshape(1).float(), parts_sum.float(), grad_norm.reshape(1).float(), flags]
         names = ("loss", *(f"loss/{h}" for h in heads), "grad_norm", "_stop", "_ckpt_due")
         if guard is not None:
@@ -300,11 +335,14 @@ class Trainer:
             self.echo = progress.write if self.env.is_main else self.echo  # print above the progress bar
             try:
                 self.throughput.start_window()
-                for batch in self._loader(end):
+                batches = iter(self._loader(end))
+                while (batch := self.throughput.wait_for(batches)) is not None:
                     out = self.train_step(batch["video"].to(self.device, non_blocking=True))
                     plan = self.layerlock.plan
                     self.throughput.count_step(plan.num_frozen, self.layerlock.target_layers(plan), plan.stem_frozen)
                     self.log.add_step(out.names, out.values, out.skipped)
+                    if out.guard_pending is not None:
+                        self._guard_samples.append((self.step - 1, out.guard_pending))
                     progress.step()
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps or self.step == end:
                         self._decide_guard_late()
@@ -337,10 +375,20 @@ class Trainer:
             self.save_checkpoint()
             self.log_source = None
 
-    def _loader(self, end: int) -> DataLoader:
+    def _loader(self, end: int) -> Iterable[dict[str, torch.Tensor]]:
+        """This rank's batches of steps ``self.step .. end - 1``. Cached clips (the embedded digits) are
+        indexed on the training device (:mod:`~layerlock_plugin.reference.data.device_clips`); other data
+        comes through a DataLoader (``train.num_workers`` decode in parallel, pinned batches)."""
         cfg = self.config
         sampler = RankBatchSampler(StepBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.seed, self.step, end),
                                    self.env.rank, self.env.world_size)
+        videos = getattr(self.dataset, "cached_videos", None)
+        if videos is not None:
+            dtype = storage_dtype(self.device, self.parallel.dtype)
+            if fits(videos.numel() * dtype.itemsize, self.device):
+                if self._device_clips is None:
+                    self._device_clips = DeviceClips(videos, self.device, dtype)
+                return self._device_clips.batches(sampler, self.parallel.to_device)
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers,
                           pin_memory=self.device.type == "cuda", persistent_workers=cfg.train.num_workers > 0)
 
