@@ -148,7 +148,8 @@ class CollapseGuard:
 
     @staticmethod
     def complete(measures: torch.Tensor, sample: torch.Tensor | None) -> torch.Tensor:
-        """The full :meth:`measure` vector from :meth:`measure_deferred`'s pair (on the device, no sync)."""
+        """The full :meth:`measure` vector ``[len(MEASURES)]`` from :meth:`measure_deferred`'s pair ``(measures
+        [len(MEASURES)], sample [S, D] or None)``: the sample's statistics filled in (on the device, no sync)."""
         if sample is None:
             return measures
         stats = sample_stats(sample).to(measures.device)
