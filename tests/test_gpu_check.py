@@ -147,3 +147,21 @@ def test_peak_flops_of_the_card(monkeypatch, name, tflops):
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert device_peak_tflops(torch.device("cuda", 0)) == tflops
+
+
+def test_a_rows_baseline_frees_the_earlier_trainers(tmp_path):
+    """A trainer holds reference cycles (its event listener, its checkpointer): ``del`` alone leaves its model
+    alive, and a GPU row's peak memory would include it. The baseline collects it first."""
+    import weakref
+
+    trainer = gpu_check_workers.trainer_for(tmp_path, ["data.num_videos=8", "train.batch_size=4", "probe.enabled=false"])
+    model = weakref.ref(trainer.model)
+    del trainer
+    assert gpu_check_workers.clean_memory("cpu") is None and model() is None
+
+
+def test_the_gpu_settings_the_check_needs():
+    assert "model.mask_ratio=0.95" in gpu_check_workers.GPU_MODEL  # vit_l's masking, not tiny.yaml's 0.75
+    assert "model.mask_ratio=0.95" in gpu_check_workers.GPU_EFFICIENCY
+    assert gpu_check.worker_env("cuda", "resume")["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # before CUDA starts
+    assert str(ROOT) in gpu_check.worker_env("cuda", "train")["PYTHONPATH"].split(os.pathsep)
