@@ -56,7 +56,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 WORKER = ROOT / "benchmarks" / "gpu_check_workers.py"
 PARTS = ("train", "resume", "efficiency", "compile")
 # seconds per part on one GPU (process start, CUDA init and model builds included): 450 s together
-GPU_TIMEOUTS = {"train": 90, "resume": 90, "efficiency": 120, "compile": 150}
+GPU_TIMEOUTS = {"train": 75, "resume": 75, "efficiency": 120, "compile": 180}
 CPU_TIMEOUTS = {"train": 300, "resume": 300, "efficiency": 300, "compile": 300}
 TORCHRUN_PARTS = ("train", "resume", "compile")  # these need a process group (one process)
 

@@ -219,6 +219,7 @@ def train_one(out: Path, device: str, strategy: str) -> dict[str, Any]:
 
 
 def part_train(out: Path, device: str, save: Callable[[dict], None], **_: Any) -> None:
+    render_data_once()
     result: dict[str, Any] = {}
     for strategy in ("ddp", "fsdp"):  # each on its own: one failing keeps the other's result
         try:
@@ -239,6 +240,7 @@ def deterministic(device: str) -> None:
 
 
 def part_resume(out: Path, device: str, save: Callable[[dict], None], **_: Any) -> None:
+    render_data_once()
     deterministic(device)
     fsdp = sets(device, "train.strategy=fsdp")
     result: dict[str, Any] = {"resumed_at": STOP, "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
