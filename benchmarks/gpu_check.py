@@ -82,6 +82,20 @@ def worker_traceback(stderr: str) -> str:
     return stderr[-3000:]
 
 
+_running: list[subprocess.Popen] = []  # the part in flight: ended with the check if the check is stopped
+
+
+def _stop_running(signum: int, _frame: Any) -> None:
+    """A stopped check (its caller's time limit: SIGTERM) ends its part's workers too: they run in their own
+    process group and would otherwise hold the GPU after the check is gone."""
+    for proc in _running:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
+
+
 def launch(part: str, out: Path, device: str, timeout: float, steps: int) -> dict[str, Any]:
     """Run one part in its own process (group); its JSON, or what broke."""
     launcher = [sys.executable]
@@ -91,6 +105,7 @@ def launch(part: str, out: Path, device: str, timeout: float, steps: int) -> dic
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(device, part),
                             start_new_session=True)  # its own process group: a timeout ends the workers too
+    _running.append(proc)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
         timed_out = False
@@ -98,6 +113,8 @@ def launch(part: str, out: Path, device: str, timeout: float, steps: int) -> dic
         os.killpg(proc.pid, signal.SIGKILL)
         stdout, stderr = proc.communicate()
         timed_out = True
+    finally:
+        _running.remove(proc)
     seconds = round(time.perf_counter() - started, 1)
     saved = out / f"{part}.json"
     result: dict[str, Any] = json.loads(saved.read_text()) if saved.is_file() else {}
@@ -254,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[gpu_check] {', '.join(parts)} on {card}: at most {budget} s ({budget / 60:.1f} min; timeouts "
           f"{', '.join(f'{p} {timeouts[p]} s' for p in parts)})", flush=True)
     meta = provenance(["benchmarks/gpu_check.py", *argv])
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _stop_running)
     with tempfile.TemporaryDirectory() as tmp:
         for i, part in enumerate(parts):
             print(f"[gpu_check] {part} ...", flush=True)

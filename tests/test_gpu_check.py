@@ -165,3 +165,32 @@ def test_the_gpu_settings_the_check_needs():
     assert "model.mask_ratio=0.95" in gpu_check_workers.GPU_EFFICIENCY
     assert gpu_check.worker_env("cuda", "resume")["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # before CUDA starts
     assert str(ROOT) in gpu_check.worker_env("cuda", "train")["PYTHONPATH"].split(os.pathsep)
+
+
+@pytest.mark.timeout(300)
+def test_a_stopped_check_ends_its_workers(tmp_path):
+    """The caller's time limit (SIGTERM) must not leave a part's workers running (their own process group),
+    holding the GPU for the next run."""
+    import signal
+    import time
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--parts",
+                             "efficiency", "--results-dir", str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    workers = []
+    while not workers and time.monotonic() < deadline:  # the part's worker: a child of the check
+        workers = [int(x) for x in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                  text=True).stdout.split()]
+        time.sleep(0.2)
+    assert workers, "the worker never started"
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    time.sleep(1)
+    assert not [w for w in workers if alive(w)], "a worker outlived the check"

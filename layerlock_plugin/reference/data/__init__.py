@@ -2,8 +2,9 @@
 
 :mod:`.config` holds the validated data configs (:class:`DigitsVideoConfig`, :class:`VideoFolderConfig`),
 :mod:`.digits` the embedded moving-digits videos with their motion, appearance and depth labels (no
-download), :mod:`.video_folder` a folder of real videos decoded with PyAV, and :mod:`.sampling` the
-batches of a step as a pure function of the step (:class:`StepBatchSampler`, :class:`RankBatchSampler`).
+download), :mod:`.video_folder` a folder of real videos decoded with PyAV, :mod:`.sampling` the
+batches of a step as a pure function of the step (:class:`StepBatchSampler`, :class:`RankBatchSampler`),
+and :mod:`.device_clips` cached clips served from the training device (no loader between cache and step).
 """
 
 from .config import SPLITS, VIDEO_EXTENSIONS, DigitsVideoConfig, VideoFolderConfig

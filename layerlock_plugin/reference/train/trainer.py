@@ -52,6 +52,7 @@ from ..parallel.distributed import DistEnv, all_reduce_mean, barrier, check_batc
 from ..parallel.parallelize import Parallelized, clip_grad_norm
 from . import budget
 from .checkpointing import Checkpointer
+from .late_guard import LateGuard, Pending
 from .metric_sinks import check_sinks, open_sinks
 from .optim import cosine_with_warmup, param_groups
 from .progress import Progress
@@ -66,12 +67,12 @@ class StepScalars:
     """What one training step reports: ``values [len(names)]`` averaged over ranks, on the device (read
     on the host once per log window); ``skipped``: the guard dropped the update; ``guard_pending``: on a
     step whose guard statistics are computed late, this rank's measures and the target's token sample
-    (the loop keeps them until the log row, see :meth:`Trainer._complete_guard_window`)."""
+    (the loop keeps them until the log row, see :mod:`.late_guard`)."""
 
     names: tuple[str, ...]
     values: torch.Tensor
     skipped: bool
-    guard_pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    guard_pending: Pending | None = None
 
 
 def build_dataset(config: RunConfig, split: str = "train") -> Dataset:
@@ -109,14 +110,6 @@ class Trainer:
         self.env: DistEnv = setup(cfg.train.strategy, cfg.train.device, cfg.train.dist_timeout_s)
         self.echo = echo if self.env.is_main else (lambda s: None)
         self.device = self.env.device
-        # The collapse guard decides late: its measures stay on the device and are decided, in step order, at
-        # the next log row or checkpoint (_decide_guard_late), so a step never waits for the device; only
-        # guard.policy 'skip', whose decision gates its own step's update, reads them inside the step (one
-        # host sync per step), which PyTorch/XLA (no host read inside a step's graph) refuses.
-        self.guard_deferred = cfg.guard.policy in ("warn", "raise")
-        self._guard_decided = 0  # steps whose guard measures have been decided (deferred mode)
-        # (step, (measures, target token sample)) of the log window's measured steps, awaiting their spectrum
-        self._guard_samples: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = []
         if self.device.type == "xla" and cfg.guard.policy == "skip":
             raise ConfigError("guard.policy", "'skip' needs a host decision inside every step, which the XLA device "
                                               "does not make (its guard decides at log steps); use warn, raise or off")
@@ -148,6 +141,8 @@ class Trainer:
             self.model, ll_config, self.optimizer, tubelet=cfg.model.tubelet, total_steps=cfg.train.steps
         )
         self.layerlock.on_event(self._on_event)
+        # warn / raise: decided at log rows and checkpoints, no host sync in a step (module late_guard)
+        self.late_guard = LateGuard(self.layerlock, self.env, cfg.guard.policy)
         if self.env.world_size > 1:
             torch.manual_seed(rank_seed(cfg.seed, self.env.rank))  # each rank's own dropout stream
         # Shared by every rank: all ranks draw the global batch's masks and keep their own rows.
@@ -179,9 +174,10 @@ class Trainer:
     def train_step(self, video: torch.Tensor) -> StepScalars:
         """One optimisation step on this rank's rows ``video [B / world, C, T, H, W]`` of the global batch.
 
-        Returns the step's scalars averaged over ranks, still on the device. Host syncs: one per step when
-        the collapse guard is on (its decision gates the update), none otherwise; logging reads the
-        scalars once per log window (:class:`.run_log.RunLog`)."""
+        Returns the step's scalars averaged over ranks, still on the device. Host syncs: none with the
+        collapse guard on ``warn``, ``raise`` or ``off`` (decided at log rows, :mod:`.late_guard`), one with
+        ``skip`` (its decision gates the update); logging reads the scalars once per log window
+        (:class:`.run_log.RunLog`)."""
         plan = self.layerlock.begin_step(self.step)  # freezes on schedule, switches the target, LR warmup
         self.parallel.sync(self.layerlock.heads(plan))  # DDP / readouts follow the trainable set
         visible_idx, query_idx = self.parallel.to_device(*self.masks(video.shape[0]))
@@ -198,9 +194,9 @@ class Trainer:
             parts_sum = p if parts_sum is None else parts_sum + p
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip) \
             if self.config.optim.grad_clip > 0 else torch.zeros((), device=self.device)
-        guard, pending = self._guard_measures(loss_sum, targets)  # on the device, no sync
+        guard, pending = self.late_guard.measure(loss_sum, targets)  # on the device, no sync
         names, values = self.reduce(loss_sum, parts_sum, heads, grad_norm, guard)
-        if guard is not None and not self.guard_deferred:  # 'skip': the step's one sync gates its update
+        if guard is not None and not self.late_guard.deferred:  # 'skip': the step's one sync gates its update
             host = values.tolist()
             self._read_flags(dict(zip(names, host)))
             decision = self.layerlock.end_step(measured=host[len(names) - len(MEASURES):])  # same on every rank
@@ -217,44 +213,9 @@ class Trainer:
         self.parallel.end_step()  # XLA: the step's graph ends here
         return StepScalars(names, values, decision.skip, pending)
 
-    def _guard_measures(self, loss_sum: torch.Tensor, targets: dict[str, torch.Tensor] | None
-                        ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
-        """This step's guard measures ``[len(MEASURES)]`` on the device (None: guard off) and, deferred, what
-        the target's spectrum is computed from later: ``(this rank's measures, token sample [S, D])`` on a
-        measured step, else None (see :meth:`_complete_guard_window`)."""
-        if not self.guard_deferred:
-            return self.layerlock.guard_measure(loss_sum, targets), None
-        measures, sample = self.layerlock.guard_measure_deferred(loss_sum, targets)
-        return measures, (None if sample is None else (measures, sample))
-
-    def _complete_guard_window(self) -> None:
-        """The measured steps of the log window get their target statistics: each kept token sample's
-        spectrum, completed into that step's measures, averaged over ranks in one all-reduce (every rank
-        reaches this row or checkpoint at the same step with the same measured steps) and written into
-        the step's entry of the window before it is read: the values the step would have reduced itself."""
-        if not self._guard_samples:
-            return
-        complete = self.layerlock.guard.complete
-        full = all_reduce_mean(torch.stack([complete(m, s) for _, (m, s) in self._guard_samples]), self.env)
-        first = self.step - self.log.window_length
-        names = tuple(f"_guard/{m}" for m in MEASURES)
-        for (step, _), values in zip(self._guard_samples, full):
-            self.log.patch_step(step - first, names, values)
-        self._guard_samples = []
-
     def _decide_guard_late(self) -> None:
-        """Deferred guard: decide every step not decided yet, in order, from the host values of the log
-        window (the window's one transfer, shared with the log row)."""
-        if not self.guard_deferred:
-            return
-        self._complete_guard_window()
-        window = self.log.window_values()
-        first = self.step - len(window)  # the step index of the window's first entry
-        for i, values in enumerate(window):
-            step = first + i
-            if step >= self._guard_decided and "_guard/nonfinite" in values:
-                self.layerlock.end_step(measured=[values[f"_guard/{m}"] for m in MEASURES], step=step)
-        self._guard_decided = self.step
+        """The guard's decisions of the steps since the last one (see :mod:`.late_guard`)."""
+        self.late_guard.decide(self.log, self.step)
 
     def reduce(self, loss_sum: torch.Tensor, parts_sum: torch.Tensor, heads: tuple[str, ...], grad_norm: torch.Tensor,
                guard: torch.Tensor | None) -> tuple[tuple[str, ...], torch.Tensor]:
@@ -341,8 +302,7 @@ class Trainer:
                     plan = self.layerlock.plan
                     self.throughput.count_step(plan.num_frozen, self.layerlock.target_layers(plan), plan.stem_frozen)
                     self.log.add_step(out.names, out.values, out.skipped)
-                    if out.guard_pending is not None:
-                        self._guard_samples.append((self.step - 1, out.guard_pending))
+                    self.late_guard.keep(self.step - 1, out.guard_pending)
                     progress.step()
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps or self.step == end:
                         self._decide_guard_late()
