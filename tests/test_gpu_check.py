@@ -110,7 +110,7 @@ def test_results_are_written_after_every_part(tmp_path, monkeypatch):
 
 
 def test_timeouts_fit_the_device_budget_and_a_timeout_ends_the_workers(tmp_path):
-    assert sum(gpu_check.GPU_TIMEOUTS.values()) <= 8 * 60
+    assert sum(gpu_check.GPU_TIMEOUTS.values()) <= 6 * 60  # <= 8 min asked; 6 leave a rerun in 15 min of device time
     assert list(gpu_check.PARTS).index("efficiency") < list(gpu_check.PARTS).index("compile")
     result = gpu_check.launch("efficiency", tmp_path, "cpu", timeout=2, steps=1)
     assert result["ok"] is False and result["error"].startswith("timed out after 2 s")
