@@ -93,10 +93,10 @@ def _worker(root: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     report: dict = {"world_size": dist.get_world_size()}
-    from gpu_check import _record_collectives  # benchmarks/: the device check records the same way
+    from gpu_check_workers import record_collectives  # benchmarks/: the device check records the same way
 
     devices: list[str] = []
-    _record_collectives(devices)
+    record_collectives(devices)
     for strategy, extra in (("ddp", []), ("fsdp", []), ("ddp_accum", ACCUM), ("fsdp_accum", ACCUM),
                             ("fsdp_sparse", SPARSE)):
         name = strategy
@@ -252,7 +252,7 @@ def test_consolidated_encoder_export(runs, name):
 def test_every_collective_runs_on_the_training_device(runs):
     """Each tensor the 2-process runs handed to torch.distributed (the step's all-reduce, the adaptive
     and guard reductions, DCP, logging) was on the device the trainer runs on: the CPU here. On a GPU the
-    same recorder runs in benchmarks/gpu_check.py, where a CPU tensor would be the bug."""
+    same recorder runs in the device check (benchmarks/gpu_check_workers.py), where a CPU tensor would be the bug."""
     _, report = runs
     assert report["collectives"] > 100 and report["collective_devices"] == ["cpu"]
 

@@ -301,7 +301,9 @@ class VideoMAE(nn.Module):
             # pos_embed must not receive gradient through them either.
             pe = self.pos_embed.detach() if k > 0 else self.pos_embed
             q = q + pe[0][query_idx]
-        x = torch.cat([x, q], dim=1)  # [B, V + Q, D]
+        # The query token (and position table) are fp32 parameters: under autocast they would promote the
+        # bf16 stream to fp32 for the whole decoder; cast them to the stream's dtype (fp32: no-op).
+        x = torch.cat([x, q.to(x.dtype)], dim=1)  # [B, V + Q, D]
         rope = self.rope_emb(torch.cat([visible_idx, query_idx], dim=1))
         for blk in self.blocks[self.encoder_depth :]:
             x = blk(x, rope)

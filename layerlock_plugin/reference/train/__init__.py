@@ -4,8 +4,8 @@
 bottom; around it :mod:`.run_folder` (where a run may write), :mod:`.budget` (a run's step budget on
 resume and early stop), :mod:`.checkpointing` (save and resume), :mod:`.run_log` (JSONL logs),
 :mod:`.metric_sinks` (TensorBoard, W&B), :mod:`.progress` (the progress bar), :mod:`.throughput`
-(tokens/s, FLOPs, MFU), :mod:`.optim` (parameter groups, the LR curve) and :mod:`.stop` (a signal
-stops at a step boundary).
+(tokens/s, FLOPs, MFU, data wait), :mod:`.late_guard` (the collapse guard decided at log rows),
+:mod:`.optim` (parameter groups, the LR curve) and :mod:`.stop` (a signal stops at a step boundary).
 """
 
 from .checkpointing import config_from_checkpoint

@@ -60,6 +60,21 @@ class RunLog:
         self._window.append((names, values, skipped))
         self._host = None
 
+    @property
+    def window_length(self) -> int:
+        """Steps added since the last row."""
+        return len(self._window)
+
+    def patch_step(self, index: int, names: tuple[str, ...], values: torch.Tensor) -> None:
+        """Overwrite the scalars ``names`` of the window's step ``index`` (0 = oldest) with ``values
+        [len(names)]`` (on the device; copied there, no host read): a value computed after its step."""
+        step_names, old, skipped = self._window[index]
+        new = old.clone()
+        for name, value in zip(names, values):
+            new[step_names.index(name)].copy_(value)
+        self._window[index] = (step_names, new, skipped)
+        self._host = None
+
     def window_values(self) -> list[dict[str, float]]:
         """The host values of every step since the last row, oldest first (``{name: value}``; names with
         ``_`` included). The window is read back in one transfer, on the first call only."""

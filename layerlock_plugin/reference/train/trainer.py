@@ -48,12 +48,14 @@ from ..config import RunConfig, dump_config
 from ..data import (BadVideoLog, DigitsVideoDataset, RankBatchSampler, StepBatchSampler, VideoFolderDataset,
                     VideoIndex, build_index, collate_clips)
 from ..data.video_shards import VideoShardsDataset
+from ..data.device_clips import DeviceClips, fits, storage_dtype
 from ..model import VideoMAE
 from ..parallel import dcp
-from ..parallel.distributed import DistEnv, all_reduce_mean, barrier, check_batch, rank_seed, setup
+from ..parallel.distributed import DistEnv, all_reduce_mean, barrier, check_batch, device_flags, rank_seed, setup
 from ..parallel.parallelize import Parallelized, clip_grad_norm
 from . import budget
 from .checkpointing import Checkpointer
+from .late_guard import LateGuard, Pending
 from .metric_sinks import check_sinks, open_sinks
 from .optim import cosine_with_warmup, param_groups
 from .progress import Progress
@@ -66,11 +68,14 @@ from .throughput import Throughput
 @dataclass(frozen=True)
 class StepScalars:
     """What one training step reports: ``values [len(names)]`` averaged over ranks, on the device (read
-    on the host once per log window); ``skipped``: the guard dropped the update."""
+    on the host once per log window); ``skipped``: the guard dropped the update; ``guard_pending``: on a
+    step whose guard statistics are computed late, this rank's measures and the target's token sample
+    (the loop keeps them until the log row, see :mod:`.late_guard`)."""
 
     names: tuple[str, ...]
     values: torch.Tensor
     skipped: bool
+    guard_pending: Pending | None = None
 
 
 def build_dataset(config: RunConfig, split: str = "train", env: DistEnv | None = None) -> Dataset:
@@ -140,11 +145,7 @@ class Trainer:
         self.env: DistEnv = setup(cfg.train.strategy, cfg.train.device, cfg.train.dist_timeout_s)
         self.echo = echo if self.env.is_main else (lambda s: None)
         self.device = self.env.device
-        # PyTorch/XLA: no host read inside a step, so the guard's measures are decided at the next log row
-        # or checkpoint (see _decide_guard_late); guard.policy 'skip', which gates its own step, is refused.
-        self.guard_deferred = self.device.type == "xla"
-        self._guard_decided = 0  # steps whose guard measures have been decided (deferred mode)
-        if self.guard_deferred and cfg.guard.policy == "skip":
+        if self.device.type == "xla" and cfg.guard.policy == "skip":
             raise ConfigError("guard.policy", "'skip' needs a host decision inside every step, which the XLA device "
                                               "does not make (its guard decides at log steps); use warn, raise or off")
         self.micro_batch = check_batch(cfg.train.batch_size, cfg.train.grad_accum, self.env.world_size)
@@ -175,6 +176,8 @@ class Trainer:
             self.model, ll_config, self.optimizer, tubelet=cfg.model.tubelet, total_steps=cfg.train.steps
         )
         self.layerlock.on_event(self._on_event)
+        # warn / raise: decided at log rows and checkpoints, no host sync in a step (module late_guard)
+        self.late_guard = LateGuard(self.layerlock, self.env, cfg.guard.policy)
         if self.env.world_size > 1:
             torch.manual_seed(rank_seed(cfg.seed, self.env.rank))  # each rank's own dropout stream
         # Shared by every rank: all ranks draw the global batch's masks and keep their own rows.
@@ -193,6 +196,7 @@ class Trainer:
         self._last_ckpt_time = time.monotonic()
         self.applied_lr = 0.0  # the LR of the last optimizer step, switch-warmup factor included
         self._folder_ready = False
+        self._device_clips: DeviceClips | None = None  # the cached clips on the device, put there at the first fit
         if checkpoint is not None:
             self._check_budget(self.checkpointer.resume(checkpoint), extend)
 
@@ -205,9 +209,10 @@ class Trainer:
     def train_step(self, video: torch.Tensor) -> StepScalars:
         """One optimisation step on this rank's rows ``video [B / world, C, T, H, W]`` of the global batch.
 
-        Returns the step's scalars averaged over ranks, still on the device. Host syncs: one per step when
-        the collapse guard is on (its decision gates the update), none otherwise; logging reads the
-        scalars once per log window (:class:`.run_log.RunLog`)."""
+        Returns the step's scalars averaged over ranks, still on the device. Host syncs: none with the
+        collapse guard on ``warn``, ``raise`` or ``off`` (decided at log rows, :mod:`.late_guard`), one with
+        ``skip`` (its decision gates the update); logging reads the scalars once per log window
+        (:class:`.run_log.RunLog`)."""
         plan = self.layerlock.begin_step(self.step)  # freezes on schedule, switches the target, LR warmup
         self.parallel.sync(self.layerlock.heads(plan))  # DDP / readouts follow the trainable set
         visible_idx, query_idx = self.parallel.to_device(*self.masks(video.shape[0]))
@@ -224,14 +229,14 @@ class Trainer:
             parts_sum = p if parts_sum is None else parts_sum + p
         grad_norm = clip_grad_norm(list(self.model.parameters()), self.config.optim.grad_clip) \
             if self.config.optim.grad_clip > 0 else torch.zeros((), device=self.device)
-        guard = self.layerlock.guard_measure(loss_sum, targets)  # on the device, no sync
+        guard, pending = self.late_guard.measure(loss_sum, targets)  # on the device, no sync
         names, values = self.reduce(loss_sum, parts_sum, heads, grad_norm, guard)
-        host = values.tolist() if guard is not None and not self.guard_deferred else None  # the step's one sync
-        if host is not None:
+        if guard is not None and not self.late_guard.deferred:  # 'skip': the step's one sync gates its update
+            host = values.tolist()
             self._read_flags(dict(zip(names, host)))
             decision = self.layerlock.end_step(measured=host[len(names) - len(MEASURES):])  # same on every rank
         elif guard is not None:
-            decision = self.layerlock.last_decision  # deferred (XLA): no skip, decided at the next read
+            decision = self.layerlock.last_decision  # deferred: no skip, decided at the next read
         else:
             decision = self.layerlock.end_step(loss_sum)
         self.applied_lr = self.scheduler.get_last_lr()[0] * self.layerlock.warmup_factor(plan)
@@ -241,20 +246,11 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.parallel.end_step()  # XLA: the step's graph ends here
-        return StepScalars(names, values, decision.skip)
+        return StepScalars(names, values, decision.skip, pending)
 
     def _decide_guard_late(self) -> None:
-        """Deferred guard (XLA): decide every logged step not decided yet, in order, from the host values
-        of the log window (the window's one transfer, shared with the log row)."""
-        if not self.guard_deferred:
-            return
-        window = self.log.window_values()
-        first = self.step - len(window)  # the step index of the window's first entry
-        for i, values in enumerate(window):
-            step = first + i
-            if step >= self._guard_decided and "_guard/nonfinite" in values:
-                self.layerlock.end_step(measured=[values[f"_guard/{m}"] for m in MEASURES], step=step)
-        self._guard_decided = self.step
+        """The guard's decisions of the steps since the last one (see :mod:`.late_guard`)."""
+        self.late_guard.decide(self.log, self.step)
 
     def reduce(self, loss_sum: torch.Tensor, parts_sum: torch.Tensor, heads: tuple[str, ...], grad_norm: torch.Tensor,
                guard: torch.Tensor | None) -> tuple[tuple[str, ...], torch.Tensor]:
@@ -264,7 +260,7 @@ class Trainer:
         stops or checkpoints at the same step (a flag raised on any rank has a mean above 0)."""
         minutes = self.config.train.ckpt_every_minutes
         due = minutes > 0 and time.monotonic() - self._last_ckpt_time >= 60 * minutes
-        flags = torch.tensor([float(self.stop.requested), float(due)], device=self.device)
+        flags = device_flags((self.stop.requested, due), self.device)
         parts = [loss_sum.reshape(1).float(), parts_sum.float(), grad_norm.reshape(1).float(), flags]
         names = ("loss", *(f"loss/{h}" for h in heads), "grad_norm", "_stop", "_ckpt_due")
         if guard is not None:
@@ -335,11 +331,13 @@ class Trainer:
             self.echo = progress.write if self.env.is_main else self.echo  # print above the progress bar
             try:
                 self.throughput.start_window()
-                for batch in self._loader(end):
+                batches = iter(self._loader(end))
+                while (batch := self.throughput.wait_for(batches)) is not None:
                     out = self.train_step(batch["video"].to(self.device, non_blocking=True))
                     plan = self.layerlock.plan
                     self.throughput.count_step(plan.num_frozen, self.layerlock.target_layers(plan), plan.stem_frozen)
                     self.log.add_step(out.names, out.values, out.skipped)
+                    self.late_guard.keep(self.step - 1, out.guard_pending)
                     progress.step()
                     if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps or self.step == end:
                         self._decide_guard_late()
@@ -375,14 +373,23 @@ class Trainer:
     def _loader(self, end: int) -> Iterable[dict[str, Any]]:
         """The batches of steps ``self.step .. end - 1`` for this rank. Digits and folders: batches as a
         function of the step (:mod:`~layerlock_plugin.reference.data.sampling`), folder samples keyed by
-        (index, epoch); shards: the rank's stream from this step on. Real video passes through a
-        :class:`BadVideoLog` (one line per bad file; ``data.on_bad_video: raise`` stops here)."""
+        (index, epoch); shards: the rank's stream from this step on. Cached clips (the embedded digits) are
+        indexed on the training device when they fit there (:mod:`~layerlock_plugin.reference.data.device_clips`).
+        Real video passes through a :class:`BadVideoLog` (one line per bad file; ``data.on_bad_video: raise``
+        stops here)."""
         cfg, ds = self.config, self.dataset
         pin = self.device.type == "cuda"
         workers = cfg.train.num_workers
         if cfg.data_source == "digits":
             sampler = RankBatchSampler(StepBatchSampler(len(ds), cfg.train.batch_size, cfg.seed, self.step, end),
                                        self.env.rank, self.env.world_size)
+            videos = getattr(ds, "cached_videos", None)
+            if videos is not None:
+                dtype = storage_dtype(self.device, self.parallel.dtype)
+                if fits(videos.numel() * dtype.itemsize, self.device):
+                    if self._device_clips is None:
+                        self._device_clips = DeviceClips(videos, self.device, dtype)
+                    return self._device_clips.batches(sampler, self.parallel.to_device)
             return DataLoader(ds, batch_sampler=sampler, num_workers=workers, pin_memory=pin,
                               persistent_workers=workers > 0)
         k = cfg.data.num_clips
