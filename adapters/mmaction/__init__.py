@@ -12,13 +12,13 @@ they are found with ``default_scope='mmaction'`` and with ``custom_imports`` alo
 scope is mmengine's; mmengine issue #1662).
 """
 
-from layerlock_plugin.errors import MissingDependencyError
+from layerlock_plugin.errors import MissingDependencyError, install_extra
 
 try:
     import mmengine  # noqa: F401
 except ImportError as exc:
     raise MissingDependencyError(
-        'layerlock_plugin.adapters.mmaction needs mmaction2 and mmengine: pip install "layerlock-plugin[mmaction]"'
+        f"layerlock_plugin.adapters.mmaction needs mmaction2 and mmengine: {install_extra('mmaction')}"
     ) from exc
 
 from .compat import allow_mmengine_checkpoints, install_drn_placeholder
@@ -31,7 +31,7 @@ try:
 except ImportError as exc:
     raise MissingDependencyError(
         f'layerlock_plugin.adapters.mmaction could not import mmaction2 ({exc}); install the tested versions: '
-        f'pip install "layerlock-plugin[mmaction]"'
+        f"{install_extra('mmaction')}"
     ) from exc
 
 from .hook import LayerLockHook  # noqa: E402

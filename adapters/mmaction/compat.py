@@ -20,7 +20,7 @@ import types
 import warnings
 from pathlib import Path
 
-from layerlock_plugin.errors import MissingDependencyError
+from layerlock_plugin.errors import MissingDependencyError, install_extra
 
 #: Where the wheel should have put DRN, relative to the ``mmaction`` package folder.
 DRN_RELATIVE_PATH = Path("models") / "localizers" / "drn" / "drn.py"
@@ -50,7 +50,7 @@ def mmaction_root() -> Path:
     spec = importlib.util.find_spec("mmaction")  # a top-level spec lookup does not import it
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependencyError(
-            'layerlock_plugin.adapters.mmaction needs mmaction2: pip install "layerlock-plugin[mmaction]"'
+            f"layerlock_plugin.adapters.mmaction needs mmaction2: {install_extra('mmaction')}"
         )
     return Path(list(spec.submodule_search_locations)[0])
 

@@ -1,5 +1,5 @@
 """A folder of real videos for the reference trainer: :class:`VideoFolderDataset` decodes them with PyAV
-(``pip install "layerlock-plugin[video]"``) and reads optional labels in mmaction2's list format
+(the ``video`` extra: ``pip install -e ".[video]"`` from a checkout) and reads optional labels in mmaction2's list format
 (``relative/path.mp4 label`` per line). Its config is :class:`~.config.VideoFolderConfig`.
 """
 
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ...errors import ConfigError, MissingDependencyError
+from ...errors import ConfigError, MissingDependencyError, install_extra
 from .config import VIDEO_EXTENSIONS, VideoFolderConfig
 
 __all__ = ["VideoFolderDataset", "clip_indices"]
@@ -26,7 +26,7 @@ def _import_av():
         import av  # noqa: PLC0415 - optional dependency, imported lazily
     except ImportError as e:
         raise MissingDependencyError(
-            'decoding video files needs PyAV: pip install "layerlock-plugin[video]"'
+            f"decoding video files needs PyAV: {install_extra('video')}"
         ) from e
     return av
 

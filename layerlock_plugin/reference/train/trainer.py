@@ -52,7 +52,7 @@ from ..parallel.parallelize import Parallelized, clip_grad_norm
 from . import budget
 from .checkpointing import Checkpointer
 from .metric_sinks import check_sinks, open_sinks
-from .optim import cosine_with_warmup, param_groups
+from .optim import cosine_with_warmup, param_groups, warn_if_warmup_outlasts_run
 from .progress import Progress
 from .run_folder import RunFolder, plan_folder, read_jsonl
 from .run_log import EVENTS, METRICS, RunLog
@@ -136,6 +136,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
         )
+        warn_if_warmup_outlasts_run(cfg.train.steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
         self.layerlock = LayerLock(
             self.model, ll_config, self.optimizer, tubelet=cfg.model.tubelet, total_steps=cfg.train.steps
         )
@@ -306,7 +307,9 @@ class Trainer:
                     self.throughput.count_step(plan.num_frozen, self.layerlock.target_layers(plan), plan.stem_frozen)
                     self.log.add_step(out.names, out.values, out.skipped)
                     progress.step()
-                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps or self.step == end:
+                    # rows on the cadence only (and at the last step): a stop between two rows leaves its
+                    # steps to the checkpoint, so a resumed run logs the uninterrupted run's windows
+                    if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
                         self._decide_guard_late()
                         row = self.log.write_row(self.step, {
                             "lr": self.applied_lr, "elapsed_s": round(time.perf_counter() - started, 2),
@@ -341,8 +344,11 @@ class Trainer:
         cfg = self.config
         sampler = RankBatchSampler(StepBatchSampler(len(self.dataset), cfg.train.batch_size, cfg.seed, self.step, end),
                                    self.env.rank, self.env.world_size)
+        # The loader draws its workers' base seed from ``generator``; left to the global RNG, that draw would
+        # shift the dropout / drop-path stream of a resumed run by one (the uninterrupted run draws at step 0).
         return DataLoader(self.dataset, batch_sampler=sampler, num_workers=cfg.train.num_workers,
-                          pin_memory=self.device.type == "cuda", persistent_workers=cfg.train.num_workers > 0)
+                          pin_memory=self.device.type == "cuda", persistent_workers=cfg.train.num_workers > 0,
+                          generator=torch.Generator().manual_seed(cfg.seed))
 
     def _finish(self, train_seconds: float) -> dict[str, Any]:
         """After the last step: the consolidated encoder (DCP runs), probes, the adaptive schedule's
