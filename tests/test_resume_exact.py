@@ -73,6 +73,9 @@ def test_logs_after_an_off_cadence_stop_equal_the_uninterrupted_logs(uninterrupt
     assert rows(run / "metrics.jsonl") == rows(uninterrupted / "metrics.jsonl")
     assert rows(run / "throughput.jsonl", drop=()) .__len__() == len(rows(uninterrupted / "throughput.jsonl", drop=()))
     assert (run / "events.jsonl").read_text() == (uninterrupted / "events.jsonl").read_text()
+    # where the run was resumed is recorded apart from the logs that must equal the uninterrupted run's
+    assert rows(run / "sessions.jsonl") == [{"step": 0, "kind": "start", "train_steps": 24},
+                                            {"step": 13, "kind": "resume", "train_steps": 24}]
 
 
 def test_a_folder_whose_checkpoint_belongs_to_another_run_is_refused_before_anything_is_written(tmp_path):

@@ -22,6 +22,9 @@ import torch
 from .run_folder import read_jsonl
 
 METRICS, EVENTS, THROUGHPUT = "metrics.jsonl", "events.jsonl", "throughput.jsonl"
+#: One row per session that trained the run: where it started, resumed, was extended or forked (the plots mark
+#: them). Kept apart from events.jsonl, which must equal the uninterrupted run's.
+SESSIONS = "sessions.jsonl"
 
 
 class RunLog:
@@ -36,18 +39,22 @@ class RunLog:
         self.last_step: dict[str, float] = {}
         self._host: list[dict[str, float]] | None = None  # the window's values once read (window_values)
 
-    def start(self, step: int, source: Path | None = None) -> None:
+    def start(self, step: int, source: Path | None = None, session: dict[str, Any] | None = None) -> None:
         """Fresh logs at step 0; else the rows of ``source`` (the resumed run's folder, this one unless
         forking) up to the checkpoint at ``step``. Rows carry the step count after their step; an event
-        the step it happened in, which a checkpoint of that step count has not done yet."""
+        the step it happened in, which a checkpoint of that step count has not done yet. ``session``
+        (``{"kind": "start" | "resume" | "extend" | "fork", "train_steps": N}``) is appended to
+        ``sessions.jsonl`` at ``step``."""
         if not self.enabled:
             return
         source = source or self.folder
         keep = {METRICS: lambda r: r["step"] <= step, THROUGHPUT: lambda r: r["step"] <= step,
-                EVENTS: lambda r: r["step"] < step and not r.get("resumed")}
+                EVENTS: lambda r: r["step"] < step and not r.get("resumed"), SESSIONS: lambda r: r["step"] <= step}
         for name, kept in keep.items():
             rows = [r for r in read_jsonl(source / name) if kept(r)] if step > 0 else []
             (self.folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if session is not None:
+            self._write(SESSIONS, {"step": step, **session})
 
     def _write(self, name: str, row: dict[str, Any]) -> None:
         if not self.enabled:

@@ -55,7 +55,7 @@ from .metric_sinks import check_sinks, open_sinks
 from .optim import cosine_with_warmup, param_groups, warn_if_warmup_outlasts_run
 from .progress import Progress
 from .run_folder import RunFolder, plan_folder, read_jsonl
-from .run_log import EVENTS, METRICS, RunLog
+from .run_log import EVENTS, METRICS, SESSIONS, RunLog
 from .stop import StopRequest
 from .throughput import Throughput
 
@@ -159,6 +159,8 @@ class Trainer:
         self._last_ckpt_time = time.monotonic()
         self.applied_lr = 0.0  # the LR of the last optimizer step, switch-warmup factor included
         self._folder_ready = False
+        # how this session continues the run (sessions.jsonl; the plots mark resumes and extensions)
+        self._session = "start" if checkpoint is None else "fork" if self.log_source is not None else "resume"
         if checkpoint is not None:
             self._check_budget(self.checkpointer.resume(checkpoint), extend)
 
@@ -333,7 +335,8 @@ class Trainer:
         self._resumed_events = []
         if self.env.is_main:
             dump_config(self.config, self.out / "config.yaml")
-        self.log.start(self.step, self.log_source)
+        self.log.start(self.step, self.log_source, {"kind": self._session, "train_steps": self.config.train.steps})
+        self._session = "continue"  # a later fit() of this trainer goes on in the same process
         if self.env.is_main:
             self.log.sinks = open_sinks(self.out, self.config.train, self.config.to_dict(), self.step)
         if self.log_source is not None:
@@ -376,7 +379,7 @@ class Trainer:
         from ..plots import write_run_plots
 
         write_run_plots(self.out / "plots", read_jsonl(self.out / METRICS), read_jsonl(self.out / EVENTS), cfg,
-                        self.layerlock)
+                        self.layerlock, sessions=read_jsonl(self.out / SESSIONS))
         self.log.images(self.step, {p.stem: p for p in sorted((self.out / "plots").glob("*.png"))})
         with open(self.out / "summary.json", "w") as f:
             json.dump(summary, f, indent=2)
@@ -399,6 +402,7 @@ class Trainer:
         note = budget.check_resume_budget(self.config.train.steps, self.step, saved_steps, extend, self.config.optim)
         if note is not None:
             self.echo(note)
+            self._session = "extend"
 
     def check_stop_after(self, stop_after: int | None) -> None:
         """``stop_after`` must lie after the current step and within ``train.steps`` (``None``: no early stop)."""
