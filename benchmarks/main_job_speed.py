@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def export(ref: str, into: Path) -> Path:
-    """The tree of commit ``ref`` in ``into/<ref>``."""
-    dest = into / "baseline"
+    """The tree of commit ``ref`` in ``into/baseline-src``."""
+    dest = into / "baseline-src"
     dest.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], capture_output=True, check=True).stdout
     tar = into / "baseline.tar"
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict]] = {"checkout": [], "baseline": []}
         for i in range(args.runs):
             for name, tree in (("checkout", None), ("baseline", baseline)):
-                runs[name].append(run_once(tree, tmp / name, extra, env))
+                runs[name].append(run_once(tree, tmp / f"run-{name}", extra, env))
                 r = runs[name][-1]
                 print(f"run {i + 1} {name:8s}: wall {r['wall_s']:7.1f} s, cpu {r['cpu_s']:7.1f} s", flush=True)
-        equal = same_weights(tmp / "checkout", tmp / "baseline")
+        equal = same_weights(tmp / "run-checkout", tmp / "run-baseline")
     ratio = {k: statistics.median(a[k] / b[k] for a, b in zip(runs["checkout"], runs["baseline"]))
              for k in ("wall_s", "cpu_s")}
     lines = {r["probe_line"] for rs in runs.values() for r in rs}

@@ -27,7 +27,8 @@ Several processes (torchrun; ``train.batch_size`` is the GLOBAL batch of one opt
         --nproc_per_node=8 --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID \
         --rdzv_endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 \
         -m layerlock_plugin.reference.cli --config vit_g --set train.strategy=fsdp --out runs/vit_g'
-    # resume: the same command with --resume runs/vit_g (loads runs/vit_g/dcp/latest)
+    # resume: the same command with --resume runs/vit_g (loads runs/vit_g/dcp/latest); on one node, e.g.
+    torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli --resume runs/ddp
 
 The trainer it runs: :mod:`layerlock_plugin.reference.train.trainer`.
 """
@@ -62,6 +63,7 @@ EPILOG = """examples:
   layerlock-train --resume runs/demo --extend 3000 # train a finished run longer (prints the new LR curve)
   layerlock-train --config vit_g --dry-run --world-size 256 --set train.strategy=fsdp   # size, FLOPs, memory
   torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli --set train.strategy=ddp  # or fsdp
+  torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli --resume runs/ddp   # continue it
 packaged configs: tiny (default), vit_b, vit_l, vit_g, vit_4ds_e
 methods: layerlock | mae | freeze-only | latent-naive (the collapse control)"""
 
@@ -262,6 +264,12 @@ def continue_command(out_dir: str | Path, world_size: int = 1, local_world_size:
     return f"torchrun --standalone --nproc_per_node={world_size} -m {MODULE} --resume {folder}"
 
 
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def check_resume(args: argparse.Namespace, config, auto: bool = False) -> bool:
     """Everything that can refuse a resume, from the checkpoint's step and config alone, before the trainer,
     the model or the data exist (a refusal takes the seconds of reading a checkpoint): the run folder rules,
@@ -281,7 +289,7 @@ def check_resume(args: argparse.Namespace, config, auto: bool = False) -> bool:
     if auto and step >= config.train.steps and saved["train"]["steps"] == config.train.steps:
         _rank0_print(f"{PROG}: --resume auto: {config.out_dir} finished at step {step}; nothing to do")
         return True
-    if config.train.strategy in ("ddp", "fsdp") and "WORLD_SIZE" not in os.environ:
+    if config.train.strategy in ("ddp", "fsdp") and "WORLD_SIZE" not in os.environ and not _in_process_group():
         raise ConfigError("--resume", f"{args.resume} is a {config.train.strategy} run of {world_size} processes: "
                                       f"continue it under torchrun, e.g. `{continue_command(args.resume, world_size)}`")
     budget.check_resume_budget(config.train.steps, step, int(saved["train"]["steps"]), args.extend is not None,
