@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
+import os
+import shutil
+import tempfile
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +14,10 @@ from torch import nn
 from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, check_layers
 
 torch.set_num_threads(2)
+# The random-init probe baselines the runs cache (reference/eval/baseline_cache.py) go to a folder of this
+# test session, inherited by every subprocess: nothing is written to the user's cache.
+os.environ["LAYERLOCK_CACHE"] = tempfile.mkdtemp(prefix="layerlock-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LAYERLOCK_CACHE"], True)
 
 
 class ToyBlock(nn.Module):
