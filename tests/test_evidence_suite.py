@@ -195,6 +195,20 @@ def test_suites_and_calibration_marks():
     assert marks == {"motion": "uncalibrated", "depth": "uncalibrated"}
 
 
+def test_the_probe_lines_reading_follows_the_calibration_of_its_clips():
+    """The line's last sentence never tells a user to rank methods on a task its clips' calibration failed."""
+    from layerlock_plugin.reference.eval.suites import SUITES, UNCALIBRATED_READING, reading_of
+
+    packaged = reading_of(DigitsVideoConfig(standardize=True))
+    assert SUITES["packaged"]["calibrated"] == ("motion",)
+    assert "cannot rank methods" in packaged and "compare runs on depth" not in packaged and "evidence" in packaged
+    assert "every task passed" in reading_of(DigitsVideoConfig(num_videos=8192, **EVIDENCE))
+    assert reading_of(DigitsVideoConfig(standardize=True, texture=0.3)) == UNCALIBRATED_READING
+    res = {"motion_acc": 0.5, "motion_chance_uniform": 0.125, "motion_chance_majority": 0.15}
+    assert "reading it: abc" in probe_report({**res, "random_init": res}, "attentive", None, "abc")
+    assert "reading it" not in probe_report({**res, "random_init": res}, "attentive")
+
+
 # --------------------------------------------------------------------------------------------------
 # the one command
 # --------------------------------------------------------------------------------------------------

@@ -356,10 +356,10 @@ def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
     print(f"done in {wall:.0f} s (training {summary['train_seconds']:.0f} s). Run folder: {config.out_dir}")
     if "probes" in summary:
         from .eval import probe_report
-        from .eval.suites import calibration_marks
+        from .eval.suites import calibration_marks, reading_of
 
         marks = calibration_marks(config.data, ["motion", "appearance", "turn", "depth", "depth_attentive"])
-        print(probe_report(summary["probes"], config.probe.kind, marks))
+        print(probe_report(summary["probes"], config.probe.kind, marks, reading_of(config.data)))
     return 0
 
 

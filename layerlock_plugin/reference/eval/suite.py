@@ -295,14 +295,16 @@ def run_probes(
     return probe_features(tr, te, grid, cfg, num_classes)
 
 
-def probe_report(probes: Mapping[str, Any], kind: str, marks: Mapping[str, str] | None = None) -> str:
+def probe_report(probes: Mapping[str, Any], kind: str, marks: Mapping[str, str] | None = None,
+                 reading: str | None = None) -> str:
     """The main job's probe lines: each task's headline probe beside the random-init encoder and chance,
     then every probe kind (``trained / random init``).
 
     ``probes``: :func:`run_probes`' keys plus a ``random_init`` dict of the same keys (what
     ``Trainer.run_probes`` returns). ``marks``: ``{task: 'calibrated' | 'uncalibrated'}`` (depth as
     ``'depth'``, see :func:`~.suites.calibration_marks`); an uncalibrated task is shown ``[uncalibrated]``:
-    it may not carry a verdict."""
+    it may not carry a verdict. ``reading``: what the line lets a user conclude on these clips
+    (:func:`~.suites.reading_of`), printed last."""
     base = probes.get("random_init", {})
     marks = marks or {}
 
@@ -330,16 +332,7 @@ def probe_report(probes: Mapping[str, Any], kind: str, marks: Mapping[str, str] 
     lines = [f"probes (frozen features, {kind} classifier): " + "; ".join(parts)]
     if kinds:
         lines.append("  every probe kind, trained / random init: " + "; ".join(kinds))
-    if parts:
-        lines.append(READING)
+    if parts and reading:
+        lines.append(f"  reading it: {reading}")
     return "\n".join(lines)
 
-
-#: What one run's probe line lets a user conclude (the calibration behind it: docs/evaluation.md).
-READING = (
-    "  reading it: depth is where pretraining beats random init here; compare runs on depth R2. Motion is "
-    "calibrated, but random init reads it best (its attentive probe differences raw frames; every pretrained "
-    "encoder at this scale, pixel MAE included, is below it): below random init means frame detail was "
-    "discarded, not that nothing was learned. Appearance is weak evidence (an encoder trained on the digit "
-    "labels does not beat random init). The numbers vary with thread count and CPU (float rounding, which "
-    "training amplifies; motion by a few hundredths): compare methods over several seeds (docs/evaluation.md).")
