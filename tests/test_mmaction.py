@@ -415,6 +415,29 @@ def test_drn_placeholder_only_for_the_broken_wheel_and_warns_once(tmp_path, monk
         assert compat.install_drn_placeholder() is True  # installed again, silently
 
 
+def test_vindlu_is_left_out_under_transformers_5():
+    """mmaction2 1.2.0 imports its VindLU video-text models whenever transformers is installed, and they import
+    what transformers 5 (the hf extra) removed: the adapter registers mmaction2's placeholders for them instead,
+    so that the rest of mmaction.models imports."""
+    import importlib.metadata
+
+    from mmaction.registry import MODELS
+    from mmaction.utils import dependency
+
+    from layerlock_plugin.adapters.mmaction import compat
+
+    assert "mmaction.models" in sys.modules and MODELS.get("VisionTransformer") is not None
+    assert compat.skip_vindlu_under_transformers_5() is False  # too late once mmaction.models is imported
+    try:
+        major = int(importlib.metadata.version("transformers").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        major = None
+    if major is not None and major >= 5:
+        assert dependency.WITH_MULTIMODAL is False
+        with pytest.raises(ImportError, match="multi-modal"):
+            MODELS.build(dict(type="VindLURetrieval"))
+
+
 @pytest.mark.timeout(300)
 def test_adaptive_schedule_by_hook_config_and_its_resume(tmp_path, data):
     adaptive = dict(observe_every=1, window=2, min_pixel_steps=2, max_pixel_steps=4, min_interval=1, max_interval=3)

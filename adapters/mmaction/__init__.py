@@ -21,9 +21,10 @@ except ImportError as exc:
         'layerlock_plugin.adapters.mmaction needs mmaction2 and mmengine: pip install "layerlock-plugin[mmaction]"'
     ) from exc
 
-from .compat import allow_mmengine_checkpoints, install_drn_placeholder
+from .compat import allow_mmengine_checkpoints, install_drn_placeholder, skip_vindlu_under_transformers_5
 
 install_drn_placeholder()  # before anything imports mmaction.models
+skip_vindlu_under_transformers_5()  # VindLU imports what transformers 5 removed (the hf extra)
 allow_mmengine_checkpoints()  # epoch_N.pth / iter_N.pth load with torch >= 2.6's weights_only default
 
 try:

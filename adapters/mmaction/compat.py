@@ -85,6 +85,33 @@ def install_drn_placeholder() -> bool:
     return True
 
 
+# -- mmaction2 1.2.0's VindLU models under transformers 5 ------------------------------------------------
+# mmaction2 imports its VindLU video-text models (mmaction.models.multimodal) whenever transformers >= 4.28
+# is installed (mmaction.utils.dependency.WITH_MULTIMODAL), and their modeling_bert.py imports
+# `apply_chunking_to_forward` from transformers.modeling_utils, which transformers 5 removed: with the hf
+# extra installed, `import mmaction.models` fails. LayerLock never uses VindLU.
+
+
+def skip_vindlu_under_transformers_5() -> bool:
+    """With transformers >= 5 installed and ``mmaction.models`` not imported yet, register mmaction2's own
+    placeholders for the VindLU models instead of importing them (building one raises mmaction2's ImportError);
+    returns True when it did. Reads the installed version without importing transformers."""
+    import importlib.metadata
+
+    if "mmaction.models" in sys.modules:
+        return False
+    try:
+        major = int(importlib.metadata.version("transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    if major < 5:
+        return False
+    from mmaction.utils import dependency
+
+    dependency.WITH_MULTIMODAL = False
+    return True
+
+
 # -- mmengine 0.10.7 checkpoints under torch >= 2.6 ------------------------------------------------------
 # torch.load defaults to weights_only=True since torch 2.6, and mmengine 0.10.7 calls torch.load without
 # the argument (open-mmlab/mmengine#1655, fix PR #1650 still open). Its checkpoints hold the MessageHub's
