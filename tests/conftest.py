@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
 
 from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, check_layers
 
-torch.set_num_threads(2)
+# Under pytest-xdist (README's `-n 2`) the workers already share the cores: one intra-op thread each, since
+# more threads per worker only contend (and tiny models gain nothing from them).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 class ToyBlock(nn.Module):

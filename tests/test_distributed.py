@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from layerlock_plugin.errors import CheckpointError, ConfigError
 from layerlock_plugin.reference.config import load_config
 
+pytestmark = pytest.mark.xdist_group("distributed")  # one worker builds the 2-process runs, once
+
 # Events at steps 6, 10 and 14 (3 freezes, each a target switch); 16 steps of 8 clips.
 TINY = [
     "data.num_videos=64", "train.batch_size=8", "train.steps=16", "train.log_every=1", "train.ckpt_every=100",
