@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from cli_helpers import checksums, command, rows, run_cli, run_main, tiny_args
+from teardown_abort import forgive_teardown_abort, torchrun_exit_codes
 
 # long enough that a run signalled after its first checkpoint (step 10) cannot finish first
 LONG = ["--set", "train.steps=40", "--set", "train.ckpt_every=10"]
@@ -135,6 +136,12 @@ def _logged_steps(run: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
+def _finished(proc: subprocess.CompletedProcess, run: Path) -> None:
+    """A 2-process run that finished: exit 0, or torch's gloo teardown abort after its last files (forgiven)."""
+    codes = [0] if proc.returncode == 0 else torchrun_exit_codes(proc.stderr)
+    forgive_teardown_abort(codes, proc.stderr, [run / "encoder.pt", run / "summary.json"], f"2-process run {run.name}")
+
+
 def _torchrun(nproc=2):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "layerlock_plugin.reference.cli"]
@@ -145,7 +152,7 @@ def test_two_process_run_stops_on_a_signal_at_one_step_and_resumes_bitwise(tmp_p
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     full = subprocess.run(_torchrun() + ddp + ["--out", "full"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=400)
-    assert full.returncode == 0, full.stderr[-3000:]
+    _finished(full, tmp_path / "full")
     proc = _start(ddp + ["--out", "run"], tmp_path, launcher=_torchrun())
     latest = tmp_path / "run" / "dcp" / "latest"
     _wait_for(lambda: latest.is_file() and latest.read_text().strip() >= "step_00000010", proc)
@@ -157,7 +164,7 @@ def test_two_process_run_stops_on_a_signal_at_one_step_and_resumes_bitwise(tmp_p
     assert stopped != "step_00000040", "the run finished before the signal"
     resumed = subprocess.run(_torchrun() + ddp + ["--out", "run", "--resume", "auto"], cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _finished(resumed, tmp_path / "run")
     assert rows(tmp_path / "run" / "metrics.jsonl") == rows(tmp_path / "full" / "metrics.jsonl")
     a, b = (torch.load(tmp_path / name / "encoder.pt", weights_only=True)["encoder"] for name in ("full", "run"))
     assert a.keys() == b.keys() and _same_weights(a, b)
