@@ -20,8 +20,6 @@ import torch
 
 from cli_helpers import checksums, run_cli, run_main, tiny_args
 
-pytestmark = pytest.mark.xdist_group("battery")  # its workspace of runs, built once
-
 YAML_FILES = {
     "syntax.yaml": "model:\n  preset: tiny\n  depth: [1, 2\n",
     "list.yaml": "- model\n- data\n",

@@ -38,7 +38,7 @@ from layerlock_plugin.masking import indices_to_mask, tube_masking  # noqa: E402
 from layerlock_plugin.schedule import ScheduleConfig  # noqa: E402
 from layerlock_plugin.warmup import WarmupConfig  # noqa: E402
 
-pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("hf_videomae")]  # its run, once
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 FRAMES, SIZE, PATCH, TUBELET, DEPTH = 4, 32, 8, 2, 4
 N = (FRAMES // TUBELET) * (SIZE // PATCH) ** 2  # 32 tokens

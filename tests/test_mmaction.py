@@ -36,8 +36,6 @@ TRAIN = mmaction_root() / ".mim" / "tools" / "train.py"
 STOCK = mmaction_root() / ".mim" / "configs" / "recognition" / "videomae" / "vit-base-p16_videomae-k400-pre_16x4x1_kinetics-400.py"
 PIXEL_STEPS, INTERVAL, WARMUP, ITERS = 4, 3, 3, 12  # as in the tiny config
 
-pytestmark = pytest.mark.xdist_group("mmaction")  # the clips and the tools/train.py runs, built once
-
 
 def _load_example(name: str):
     spec = importlib.util.spec_from_file_location(name, REPO / "examples" / "mmaction2" / f"{name}.py")
