@@ -2,8 +2,7 @@
 and retention, TensorBoard / W&B, progress lines in job logs, the applied LR in the logs.
 
 Signals go to real subprocesses (one process, and a 2-process gloo torchrun run), as SLURM sends them;
-the other command lines run ``layerlock-train``'s ``main()`` in this process (see ``cli_helpers``), except
-W&B's, whose service process belongs to a run of its own.
+the other command lines run ``layerlock-train``'s ``main()`` in this process (see ``cli_helpers``).
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import checksums, command, rows, run_cli, run_main, tiny_args
+from cli_helpers import checksums, command, rows, run_main, tiny_args
 from teardown_abort import forgive_teardown_abort, torchrun_exit_codes
 
 # long enough that a run signalled after its first checkpoint (step 10) cannot finish first
@@ -245,16 +244,15 @@ def test_tensorboard_scalars_and_plots_with_the_applied_lr(tmp_path):
     assert metrics[7]["layerlock/warmup_factor"] < 1
 
 
-def test_wandb_offline_logs_into_the_run_folder_and_resumes_the_same_run(tmp_path):
+def test_wandb_offline_logs_into_the_run_folder_and_resumes_the_same_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     args = tiny_args("--out", "run", "--set", "train.wandb.project=layerlock-test", "--set", "train.wandb.mode=offline",
                      "--set", "train.steps=8")
-    env = {"WANDB_SILENT": "true"}
-    os.environ.update(env)
-    out = run_cli([*args, "--stop-after", "4"], tmp_path)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = run_main([*args, "--stop-after", "4"], tmp_path)
     assert out.returncode == 0, out.stderr
     run_id = (tmp_path / "run" / "wandb" / "wandb_run_id").read_text().strip()
-    out = run_cli(["--resume", "run", "--no-progress"], tmp_path)
+    out = run_main(["--resume", "run", "--no-progress"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "run" / "wandb" / "wandb_run_id").read_text().strip() == run_id
     logs = list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
