@@ -30,7 +30,6 @@ def _outputs(folder, stem):
     return json.loads((folder / f"{stem}.json").read_text())
 
 
-@pytest.mark.timeout(240)
 def test_efficiency_quick(tmp_path):
     eff = _load("efficiency")
     assert eff.main(["--quick", "--reps", "1", "--overhead-reps", "1", "--results-dir", str(tmp_path)]) == 0
@@ -83,7 +82,6 @@ def test_efficiency_target_context_variants_match_the_ideal(tmp_path):
             assert r["frozen_units_grad_bytes"] == r["frozen_units_state_bytes"] == 0
 
 
-@pytest.mark.timeout(240)
 def test_reproduction_quick(tmp_path):
     rep = _load("reproduction")
     args = ["--quick", "--steps", "12", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
@@ -117,7 +115,6 @@ def test_reproduction_quick(tmp_path):
     assert rep.main([*later[:8], "mae", *later[9:]]) == 2
 
 
-@pytest.mark.timeout(240)
 def test_layer_dynamics_quick(tmp_path):
     ld = _load("layer_dynamics")
     assert ld.main(["--quick", "--snapshots", "4", "--results-dir", str(tmp_path)]) == 0
@@ -129,7 +126,6 @@ def test_layer_dynamics_quick(tmp_path):
     assert res["units"][:2] == ["stem", "block_1"] and len(res["norm_curves"]) == 6
 
 
-@pytest.mark.timeout(240)
 def test_diagnose_quick(tmp_path):
     dg = _load("diagnose")
     assert dg.main(["--quick", "--results-dir", str(tmp_path)]) == 0
@@ -140,7 +136,6 @@ def test_diagnose_quick(tmp_path):
         assert all(math.isfinite(r[k]) for k in dg.KEYS)
 
 
-@pytest.mark.timeout(120)
 def test_vjepa_reproduction_quick(tmp_path):
     vj = _load("vjepa_reproduction")
     assert vj.main(["--quick", "--steps", "6", "--results-dir", str(tmp_path)]) == 0
@@ -155,7 +150,6 @@ def test_vjepa_reproduction_quick(tmp_path):
     assert all(len(r["losses_every_10"]) == 1 and r["steps"] == 6 for r in runs.values())
 
 
-@pytest.mark.timeout(240)
 def test_calibration_quick(tmp_path):
     cal = _load("calibration")
     assert cal.main(["--quick", "--results-dir", str(tmp_path), "--threads", "1"]) == 0
@@ -174,7 +168,6 @@ def test_calibration_quick(tmp_path):
         assert r["lr"] == max(grid, key=lambda g: g["val_acc"])["lr"] and "state" not in grid[0]
 
 
-@pytest.mark.timeout(240)
 def test_mae_setting_quick(tmp_path):
     ms = _load("mae_setting")
     args = ["--quick", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
@@ -208,7 +201,6 @@ def test_mae_setting_criterion():
     assert not ms.verdict([0.5, 0.5], [0.1, 0.1])["passes"]  # fewer than 3 seeds
 
 
-@pytest.mark.timeout(240)
 def test_supervised_recipe_quick(tmp_path):
     sr = _load("supervised_recipe")
     assert sr.main(["--quick", "--task", "appearance", "--results-dir", str(tmp_path), "--threads", "1"]) == 0

@@ -146,6 +146,7 @@ def _torchrun(nproc=2):
             "-m", "layerlock_plugin.reference.cli"]
 
 
+@pytest.mark.timeout(360)  # three 2-process torchrun launches: ~60 s on CI's slow machine
 def test_two_process_run_stops_on_a_signal_at_one_step_and_resumes_bitwise(tmp_path):
     ddp = [*tiny_args(*LONG), "--set", "train.strategy=ddp"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -31,6 +31,10 @@ from layerlock_plugin.errors import CheckpointError, ConfigError
 from layerlock_plugin.reference.config import load_config
 from teardown_abort import forgive_teardown_abort, save_atomic, torchrun_exit_codes
 
+# The module's runs (3 one-process references, then 5 strategies in one 2-process torchrun launch) take ~70 s
+# on CI's slow machine and count against the first test that asks for them.
+pytestmark = pytest.mark.timeout(480)
+
 # Events at steps 6, 10 and 14 (3 freezes, each a target switch); 16 steps of 8 clips.
 TINY = [
     "data.num_videos=64", "train.batch_size=8", "train.steps=16", "train.log_every=1", "train.ckpt_every=100",
@@ -181,7 +185,6 @@ def runs(tmp_path_factory):
     return root, json.loads((root / "report.json").read_text())
 
 
-@pytest.mark.timeout(480)
 @pytest.mark.parametrize("name, reference", [("ddp", "one"), ("fsdp", "one"), ("ddp_accum", "one_accum"),
                                              ("fsdp_accum", "one_accum"), ("fsdp_sparse", "one_sparse")])
 def test_two_processes_match_one_process_loss(runs, name, reference):
@@ -195,7 +198,6 @@ def test_two_processes_match_one_process_loss(runs, name, reference):
     assert [(e["step"], e["num_frozen"], e["target_layer"]) for e in events] == [(6, 1, 1), (10, 2, 2), (14, 3, 3)]
 
 
-@pytest.mark.timeout(480)
 @pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_accum", "fsdp_accum", "fsdp_sparse"])
 def test_frozen_params_identical_across_ranks_and_unchanged(runs, name):
     _, report = runs
@@ -207,7 +209,6 @@ def test_frozen_params_identical_across_ranks_and_unchanged(runs, name):
         assert entry["ddp_rebuilds"] == 4
 
 
-@pytest.mark.timeout(480)
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
 def test_distributed_resume_after_freeze_matches_uninterrupted(runs, name):
     root, report = runs
@@ -222,7 +223,6 @@ def test_distributed_resume_after_freeze_matches_uninterrupted(runs, name):
     assert latest == "step_00000016" and (root / f"{name}_part" / "encoder.pt").is_file()
 
 
-@pytest.mark.timeout(480)
 def test_dcp_run_resumes_in_its_copy_and_forks_without_touching_the_source(runs):
     root, report = runs
     entry = report["ddp"]
@@ -234,7 +234,6 @@ def test_dcp_run_resumes_in_its_copy_and_forks_without_touching_the_source(runs)
         assert (root / name / "dcp" / "latest").read_text().strip() == "step_00000016"
 
 
-@pytest.mark.timeout(480)
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
 def test_consolidated_encoder_export(runs, name):
     """encoder.pt is one file with the full (unsharded) encoder weights the run ended with."""
@@ -250,7 +249,6 @@ def test_consolidated_encoder_export(runs, name):
         assert float(params[n].detach().double().sum()) == sums[n], n
 
 
-@pytest.mark.timeout(480)
 def test_every_collective_runs_on_the_training_device(runs):
     """Each tensor the 2-process runs handed to torch.distributed (the step's all-reduce, the adaptive
     and guard reductions, DCP, logging) was on the device the trainer runs on: the CPU here. On a GPU the
@@ -259,7 +257,6 @@ def test_every_collective_runs_on_the_training_device(runs):
     assert report["collectives"] > 100 and report["collective_devices"] == ["cpu"]
 
 
-@pytest.mark.timeout(480)
 def test_distributed_bad_input_errors(runs):
     _, report = runs
     err = report["errors"]
@@ -269,7 +266,6 @@ def test_distributed_bad_input_errors(runs):
     assert err["none_under_torchrun"].startswith("train.strategy: is 'none' but this is one of WORLD_SIZE=2")
 
 
-@pytest.mark.timeout(480)
 def test_partial_dcp_checkpoint_refused(runs, tmp_path):
     from layerlock_plugin.reference.parallel import dcp
     from layerlock_plugin.reference.train import config_from_checkpoint

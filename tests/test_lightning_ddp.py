@@ -18,7 +18,6 @@ pytest.importorskip("pytorch_lightning")
 WORKER = Path(__file__).with_name("lightning_ddp_worker.py")
 
 
-@pytest.mark.timeout(240)
 def test_two_process_ddp_fit_across_freeze_events(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path)], env=env, cwd=WORKER.parent,

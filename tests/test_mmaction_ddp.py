@@ -49,7 +49,6 @@ LAUNCHER = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.timeout(400)
 def test_two_process_gloo_training_across_freeze_events(tmp_path):
     data = tmp_path / "clips"
     _load_example("make_tiny_clips").write_clips(data, num_clips=4, num_frames=24)
