@@ -54,7 +54,7 @@ from torch.utils.checkpoint import checkpoint
 
 from layerlock_plugin.adapters.timm_vit import TimmViTEncoder
 from layerlock_plugin.controller import LayerLock, LayerLockConfig
-from layerlock_plugin.errors import EncoderStructureError, MissingDependencyError
+from layerlock_plugin.errors import EncoderStructureError, MissingDependencyError, install_extra
 from layerlock_plugin.masking import subsample_indices
 from layerlock_plugin.targets import PIXELS, head_name
 
@@ -62,7 +62,7 @@ try:
     from lightly.models import utils as lightly_utils
 except ImportError as exc:  # pragma: no cover - exercised only without lightly
     raise MissingDependencyError(
-        "layerlock_plugin.adapters.lightly_mae needs lightly: pip install \"layerlock-plugin[lightly]\""
+        f"layerlock_plugin.adapters.lightly_mae needs lightly: {install_extra('lightly')}"
     ) from exc
 
 __all__ = ["LayerLockMAE", "LayerLockMAEOutput"]

@@ -50,7 +50,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from layerlock_plugin.controller import LayerLock, LayerLockConfig
 from layerlock_plugin.encoder import LayeredEncoder
-from layerlock_plugin.errors import ConfigError, EncoderStructureError, MissingDependencyError
+from layerlock_plugin.errors import ConfigError, EncoderStructureError, MissingDependencyError, install_extra
 from layerlock_plugin.integration import skip_update
 
 try:
@@ -60,8 +60,7 @@ try:
         import lightning.pytorch as pl  # type: ignore[no-redef]
 except ImportError as exc:  # pragma: no cover - exercised only without Lightning
     raise MissingDependencyError(
-        "layerlock_plugin.adapters.lightning needs pytorch-lightning (or lightning): "
-        "pip install \"layerlock-plugin[lightly]\""
+        "layerlock_plugin.adapters.lightning needs pytorch-lightning (or lightning): " + install_extra("lightly")
     ) from exc
 
 __all__ = ["LayerLockCallback", "find_controller"]

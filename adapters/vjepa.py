@@ -58,7 +58,7 @@ attention) by :class:`~layerlock_plugin.adapters.vjepa_encoders.VJEPA2Encoder`; 
 :class:`~layerlock_plugin.adapters.timm_vit.TimmViTEncoder`; anything that implements the layered-encoder
 protocol is used as is. ``MultiMaskWrapper`` / DDP / ``torch.compile`` wrappers are looked through.
 
-Install: ``pip install "layerlock-plugin[vjepa]" && pip install --no-deps vjepa==0.1.2`` (the ``vjepa``
+Install: ``pip install -e ".[vjepa]" && pip install --no-deps vjepa==0.1.2`` (the ``vjepa``
 distribution's declared pins conflict with this stack; its model code imports fine with torch, timm,
 einops). This module itself does not import ``vjepa``: it works on the modules you pass.
 """

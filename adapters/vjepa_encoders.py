@@ -18,14 +18,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from layerlock_plugin import _validate as v
 from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, LayeredEncoder, block_name, check_layers
-from layerlock_plugin.errors import ConfigError, EncoderStructureError, MissingDependencyError
+from layerlock_plugin.errors import ConfigError, EncoderStructureError, MissingDependencyError, install_extra
 from layerlock_plugin.integration import LayerLockDDP
 
 __all__ = ["INSTALL_HINT", "VJEPA2Encoder", "VJEPAEncoder", "as_layered", "require_vjepa", "require_vjepa2", "unwrap"]
 
 #: Host wrappers that hold the encoder as ``.backbone`` (V-JEPA's multi-mask, V-JEPA 2's multi-sequence).
 _BACKBONE_WRAPPERS = ("MultiMaskWrapper", "PredictorMultiMaskWrapper", "MultiSeqWrapper", "PredictorMultiSeqWrapper")
-INSTALL_HINT = 'pip install "layerlock-plugin[vjepa]" && pip install --no-deps vjepa==0.1.2'
+INSTALL_HINT = f"{install_extra('vjepa')}; then pip install --no-deps vjepa==0.1.2"
 
 
 def require_vjepa():
@@ -45,8 +45,8 @@ def require_vjepa2():
     try:
         import vjepa2.models.vision_transformer  # noqa: F401
     except ImportError as exc:
-        raise MissingDependencyError('the V-JEPA 2 example and tests need vjepa2: pip install "layerlock-plugin[vjepa]" '
-                                     '(the registry package cc-vjepa2)') from exc
+        raise MissingDependencyError(f"the V-JEPA 2 example and tests need vjepa2 (the registry package cc-vjepa2): "
+                                     f"{install_extra('vjepa')}") from exc
     import vjepa2
 
     return vjepa2

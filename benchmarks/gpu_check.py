@@ -1,26 +1,37 @@
-"""The device check: the reference trainer's GPU path proven in one short run (one GPU, <= 8 minutes).
+"""The device check: the reference trainer's GPU path proven in one short run (one GPU, at most 6 minutes).
 
-    python benchmarks/gpu_check.py                 # on a machine with one CUDA GPU (H100 / H200 / A100 ...)
-    python benchmarks/gpu_check.py --device cpu    # the same checks end to end on CPU with tiny models (CI)
+    python3 benchmarks/gpu_check.py                      # one CUDA GPU (H100 / H200 / A100 ...): the check
+    python3 benchmarks/gpu_check.py --device cpu         # the same parts end to end on CPU, tiny models (CI)
+    python3 benchmarks/gpu_check.py --parts compile      # rerun some parts (results of the others are kept)
 
-Parts (each a subprocess, so a failure in one is reported and the others still run):
+It runs from a plain checkout (nothing installed: the repository root goes on ``sys.path``, and on the
+workers' ``PYTHONPATH``) with torch, timm, einops, PyYAML, numpy and scikit-learn. Parts, each in its own
+process with its own timeout (the sum is printed first), in this order:
 
-1. ``train``: ``torchrun --nproc_per_node=1`` (NCCL on GPU, gloo on CPU), ``ddp`` and ``fsdp``, bf16 autocast
-   on GPU, activation checkpointing, a ViT-B-sized video model (tiny on CPU), across 3 freeze events and
-   target switches: finite losses, frozen blocks bitwise unchanged after their event and without optimizer
-   state, every collective's tensor on the training device (recorded), the device checked for syncs
-   (``torch.cuda.set_sync_debug_mode("warn")`` counts the warnings of the steps between log steps).
-2. ``resume``: the same run stopped after the second event and resumed from its DCP checkpoint, against the
-   uninterrupted run: bitwise equal weights, or the max difference reported.
-3. ``compile``: ``train.compile=true`` across the events, compiled graphs counted (``torch._dynamo``
-   counters): at most one recompile per block per freeze event. Skipped on CPU (minutes of compile time).
-4. ``efficiency``: a ViT-L-shaped model in bf16 at frozen depths k = 0, 1/3, 2/3 of the encoder, with and
-   without the target cost knobs (``target.loss_fraction=0.05``, ``target.context=sparse``): step time,
-   clips/s, tokens/s, MFU (peak from the card), ``max_memory_allocated``, and the ratios against k = 0
-   beside the analytic FLOP ratio. Targets: pixel-phase MFU >= 45%, peak-memory saving at 2/3 frozen
-   >= 32%, step-time ratio within 5% of the FLOP ratio.
+1. ``train``: ``torchrun --nproc_per_node=1`` (NCCL on GPU, gloo on CPU), ``ddp`` then ``fsdp`` (each on
+   its own: one failing keeps the other's result), bf16 autocast on GPU, activation checkpointing, a ViT-B
+   width/depth video model at 95% masking (tiny on CPU), across 3 freeze events and target switches: finite
+   losses, frozen blocks bitwise unchanged after their event and without optimizer state, every collective's
+   tensor on the training device, host syncs inside each step (``torch.cuda.set_sync_debug_mode("warn")``;
+   the guard on ``warn`` decides at log steps, so a step without a freeze event must have none), the loader's
+   share of the step time, peak memory from a clean baseline.
+2. ``resume``: the same run under fsdp stopped after the second event and resumed from its DCP checkpoint,
+   against the uninterrupted run, with deterministic kernels (``use_deterministic_algorithms``,
+   ``CUBLAS_WORKSPACE_CONFIG``, cuDNN deterministic) and a second uninterrupted run as the noise floor.
+3. ``efficiency``: ViT-L in bf16 (95% masking, 16x224x224) at frozen depths k = 0, 1/3, 2/3 of the encoder,
+   one model per row set driven through the depths: batch 8 with and without the target cost knobs
+   (``target.loss_fraction=0.05``, ``target.context=sparse``; the memory rows) and batch 64 (compute-bound:
+   the FLOP-ratio rows); step time, MFU (peak from the card), peak memory per row from a clean baseline.
+4. ``compile``: the compute-bound ViT-L rows with ``train.compile=true`` (MFU, compiled vs eager), then the
+   train part's runs compiled under ddp and fsdp with activation checkpointing: dynamo's graph count before
+   the first event and at each event, and its recompile-limit fallbacks. On CPU dynamo runs with its
+   ``eager`` backend (graph capture and recompiles in seconds; inductor would take minutes there).
 
-Results: ``benchmarks/results/gpu_check[-TAG].json`` and ``.md`` (the card's name, versions, date, commit).
+Results: ``<results-dir>/gpu_check[-TAG].json`` and ``.md`` (card, versions, date, commit), rewritten after
+every part, so a run cut short keeps what it finished. Exit code 1 when a part failed or a check said no.
+Targets on one H100: pixel-phase MFU >= 40% compiled, peak-memory saving at 2/3 frozen >= 32%, step-time
+ratio within 5% of the FLOP ratio on compute-bound rows, 0 host syncs per step with the guard on ``warn``,
+loader wait < 5% of the step time.
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -35,299 +47,209 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [p for p in (str(ROOT), str(ROOT / "benchmarks")) if p not in sys.path]  # a plain checkout
+
 from _common import provenance  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
-EVENTS = [  # 3 freeze events, each a target switch
-    "schedule.pixel_steps=6", "schedule.interval=4", "schedule.max_frozen=3", "warmup.steps=3",
-    "optim.warmup_steps=3", "guard.every=2", "probe.enabled=false", "train.progress=false",
-    "train.log_every=4", "train.tensorboard=false", "train.ckpt_every=1000",
-]
-STEPS, STOP = 16, 11  # events at 6, 10, 14; the resume part stops after the event at 10
-GPU_MODEL = ["model.preset=base", "model.decoder_depth=4", "model.num_frames=8", "model.img_size=160",
-             "train.batch_size=8", "data.num_videos=64"]  # ViT-B width/depth, a shorter clip
-CPU_MODEL = ["data.num_videos=32", "train.batch_size=4", "train.threads=1"]
-GPU_EFFICIENCY = ["model.preset=large", "model.decoder_depth=4", "train.batch_size=8", "data.num_videos=8"]
-CPU_EFFICIENCY = ["data.num_videos=4", "train.batch_size=4", "train.threads=1"]
+RESULTS = ROOT / "benchmarks" / "results"
+WORKER = ROOT / "benchmarks" / "gpu_check_workers.py"
+PARTS = ("train", "resume", "efficiency", "compile")
+# seconds per part on one GPU (process start, CUDA init and model builds included): 360 s together, so two
+# runs (a rerun) and a machine start fit 15 minutes of device time
+GPU_TIMEOUTS = {"train": 70, "resume": 70, "efficiency": 100, "compile": 120}
+CPU_TIMEOUTS = {"train": 300, "resume": 300, "efficiency": 300, "compile": 300}
+TORCHRUN_PARTS = ("train", "resume", "compile")  # these need a process group (one process)
 
 
-def _sets(device: str, *extra: str) -> list[str]:
-    model = GPU_MODEL if device == "cuda" else CPU_MODEL
-    precision = "bf16" if device == "cuda" else "fp32"
-    return [*model, *EVENTS, f"train.device={device}", f"train.precision={precision}", f"train.steps={STEPS}", *extra]
+def worker_env(device: str, part: str) -> dict[str, str]:
+    """The workers import this checkout (PYTHONPATH), as the orchestrator does."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
+           "PYTHONUNBUFFERED": "1"}
+    if device == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
+    if part == "resume":
+        env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # deterministic cuBLAS: set before CUDA starts
+    return env
 
 
-# ------------------------------------------------------------------------------ worker parts (under torchrun)
-def _full_params(model) -> dict:
-    import torch
-
-    out = {}
-    for name, p in model.named_parameters():
-        t = p.detach()
-        t = t.full_tensor() if hasattr(t, "full_tensor") else t
-        out[name] = t.float().cpu().clone()
-    return out
+def worker_traceback(stderr: str) -> str:
+    """The worker's own traceback from the launcher's output (torchrun ends with its ChildFailedError
+    summary, which says only that the child failed)."""
+    blocks = stderr.split("Traceback (most recent call last):")
+    for block in blocks[1:]:
+        if "torch/distributed/run.py" not in block and "ChildFailedError" not in block:
+            return ("Traceback (most recent call last):" + block)[-3000:]
+    return stderr[-3000:]
 
 
-def _record_collectives(devices: list[str]) -> None:
-    """Wrap torch.distributed's collectives: each call records the device of its tensor."""
-    import torch
-    import torch.distributed as dist
-
-    for name in ("all_reduce", "broadcast", "all_gather", "reduce_scatter", "all_gather_into_tensor",
-                 "reduce_scatter_tensor"):
-        original = getattr(dist, name)
-
-        def recorded(*args, _original=original, **kwargs):
-            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
-            devices.extend(str(t.device.type) for t in tensors[:1])
-            return _original(*args, **kwargs)
-
-        setattr(dist, name, recorded)
+_running: list[subprocess.Popen] = []  # the part in flight: ended with the check if the check is stopped
 
 
-def worker_train(out: Path, device: str, strategy: str) -> dict[str, Any]:
-    import torch
-
-    from layerlock_plugin.reference.config import load_config
-    from layerlock_plugin.reference.train import Trainer
-
-    devices: list[str] = []
-    _record_collectives(devices)
-    extra = [f"train.strategy={strategy}", "train.activation_checkpointing=true"]
-    trainer = Trainer(load_config(None, [f"out_dir={out / strategy}", *_sets(device, *extra)]), echo=lambda s: None)
-    trainer.fit(stop_after=7)  # first freeze at step 6
-    frozen = [n for n, p in trainer.model.named_parameters() if not p.requires_grad and not n.startswith("readouts.")]
-    before = _full_params(trainer.model)
-    sync_warnings = 0
-    if device == "cuda":
-        import warnings
-
-        torch.cuda.set_sync_debug_mode("warn")
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(3):  # steps 7, 9, 10: no log step (log_every 4), guard policy warn
-                trainer.train_step(trainer.dataset[0]["video"].unsqueeze(0).repeat(
-                    trainer.micro_batch * trainer.config.train.grad_accum, 1, 1, 1, 1).to(trainer.device))
-            sync_warnings = sum("synchroniz" in str(w.message) for w in caught)
-        torch.cuda.set_sync_debug_mode(0)
-        trainer = Trainer(load_config(None, [f"out_dir={out / (strategy + '_b')}", *_sets(device, *extra)]),
-                          echo=lambda s: None)
-        trainer.fit(stop_after=7)
-        before = _full_params(trainer.model)
-    trainer.fit()
-    after = _full_params(trainer.model)
-    frozen_ids = {id(p) for n, p in trainer.model.named_parameters() if n in frozen}
-    losses = [json.loads(x)["loss"] for x in (Path(trainer.out) / "metrics.jsonl").read_text().splitlines()]
-    return {"strategy": strategy, "frozen": frozen, "losses": losses,
-            "losses_finite": all(x == x and abs(x) < float("inf") for x in losses),
-            "frozen_unchanged": all(torch.equal(before[n], after[n]) for n in frozen),
-            "frozen_state_free": not any(id(p) in frozen_ids for p in trainer.optimizer.state),
-            "collective_devices": sorted(set(devices)), "training_device": trainer.device.type,
-            "sync_warnings_between_log_steps_per_3_steps": sync_warnings,
-            "peak_mem_gb": None if device != "cuda" else torch.cuda.max_memory_allocated() / 2**30}
+def _stop_running(signum: int, _frame: Any) -> None:
+    """A stopped check (its caller's time limit: SIGTERM) ends its part's workers too: they run in their own
+    process group and would otherwise hold the GPU after the check is gone."""
+    for proc in _running:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise SystemExit(128 + signum)
 
 
-def worker_resume(out: Path, device: str) -> dict[str, Any]:
-    import torch
-
-    from layerlock_plugin.reference.config import load_config
-    from layerlock_plugin.reference.train import Trainer
-
-    sets = _sets(device, "train.strategy=fsdp")
-    full = Trainer(load_config(None, [f"out_dir={out / 'full'}", *sets]), echo=lambda s: None)
-    full.fit()
-    part = Trainer(load_config(None, [f"out_dir={out / 'part'}", *sets]), echo=lambda s: None)
-    part.fit(stop_after=STOP)
-    resumed = Trainer(load_config(None, [f"out_dir={out / 'part'}", *sets]), resume=out / "part", echo=lambda s: None)
-    resumed.fit()
-    a, b = _full_params(full.model), _full_params(resumed.model)
-    return {"bitwise_equal": all(torch.equal(a[n], b[n]) for n in a),
-            "max_abs_diff": max(float((a[n] - b[n]).abs().max()) for n in a), "resumed_at": STOP}
-
-
-def worker_compile(out: Path, device: str) -> dict[str, Any]:
-    import torch._dynamo
-
-    from layerlock_plugin.reference.config import load_config
-    from layerlock_plugin.reference.train import Trainer
-
-    torch._dynamo.reset()
-    trainer = Trainer(load_config(None, [f"out_dir={out / 'compile'}", *_sets(device, "train.compile=true")]),
-                      echo=lambda s: None)
-    graphs = []
-    for stop in (6, 10, 14, STEPS):  # before the first event, then after each of the 3 events
-        trainer.fit(stop_after=stop)
-        graphs.append(int(torch._dynamo.utils.counters["stats"]["unique_graphs"]))
-    blocks = trainer.config.model.depth
-    per_event = [(b - a) / blocks for a, b in zip(graphs, graphs[1:])]
-    return {"unique_graphs_after": dict(zip(["6", "10", "14", str(STEPS)], graphs)),
-            "recompiles_per_block_per_event": per_event, "at_most_one_per_event": all(x <= 1 for x in per_event)}
-
-
-def worker_efficiency(out: Path, device: str, steps: int) -> dict[str, Any]:
-    import torch
-
-    from layerlock_plugin.reference.config import load_config
-    from layerlock_plugin.reference.dryrun import step_flops
-    from layerlock_plugin.reference.train.throughput import device_peak_tflops
-    from layerlock_plugin.reference.train import Trainer
-
-    model = GPU_EFFICIENCY if device == "cuda" else CPU_EFFICIENCY
-    precision = "bf16" if device == "cuda" else "fp32"
-    probe = load_config(None, model)
-    enc = probe.model.depth - probe.model.decoder_depth
-    depths = sorted({0, enc // 3, (2 * enc) // 3})
-    rows = []
-    for knobs in ([], ["target.loss_fraction=0.05", "target.context=sparse"]):
-        for k in depths:
-            sched = ["schedule.pixel_steps=1000000"] if k == 0 else ["schedule.pixel_steps=1", "schedule.interval=1",
-                                                                     f"schedule.max_frozen={k}"]
-            cfg = load_config(None, [f"out_dir={out / f'eff-{k}-{len(knobs)}'}", *model, *sched, *knobs,
-                                     "warmup.steps=0", "probe.enabled=false", f"train.device={device}",
-                                     f"train.precision={precision}", "train.steps=1000", "guard.policy=off",
-                                     "train.tensorboard=false"])
-            trainer = Trainer(cfg, echo=lambda s: None)
-            video = torch.stack([trainer.dataset[i % len(trainer.dataset)]["video"]
-                                 for i in range(cfg.train.batch_size)]).to(trainer.device)
-            for _ in range(k + 2):  # reach depth k (one event per step), then warm up
-                trainer.train_step(video)
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            started = time.perf_counter()
-            for _ in range(steps):
-                trainer.train_step(video)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - started) / steps
-            plan = trainer.layerlock.plan
-            flops = step_flops(cfg.model, plan.num_frozen, trainer.layerlock.target_layers(plan),
-                               cfg.target.loss_fraction, plan.stem_frozen, cfg.target.context)["total"]
-            peak = device_peak_tflops(trainer.device)
-            rows.append({"knobs": bool(knobs), "k": plan.num_frozen, "step_s": dt,
-                         "clips_per_s": cfg.train.batch_size / dt,
-                         "tokens_per_s": cfg.train.batch_size * trainer.model.num_patches / dt,
-                         "flops_per_clip": flops, "mfu": flops * cfg.train.batch_size / dt / (peak * 1e12) if peak else None,
-                         "max_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None})
-            del trainer
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    base = {knobs: next(r for r in rows if r["k"] == 0 and r["knobs"] == knobs) for knobs in (False, True)}
-    for r in rows:
-        b = base[r["knobs"]]
-        r["time_ratio"] = r["step_s"] / b["step_s"]
-        r["flop_ratio"] = r["flops_per_clip"] / b["flops_per_clip"]
-        r["memory_ratio"] = None if r["max_memory_gb"] is None else r["max_memory_gb"] / b["max_memory_gb"]
-    return {"model": model, "encoder_blocks": enc, "rows": rows}
-
-
-def _worker(argv: list[str]) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("part")
-    p.add_argument("out")
-    p.add_argument("--device", required=True)
-    p.add_argument("--steps", type=int, default=10)
-    a = p.parse_args(argv)
-    import torch.distributed as dist
-
-    out = Path(a.out)
-    if a.part == "train":
-        result = {s: worker_train(out, a.device, s) for s in ("ddp", "fsdp")}
-    elif a.part == "resume":
-        result = worker_resume(out, a.device)
-    elif a.part == "compile":
-        result = worker_compile(out, a.device)
-    else:
-        result = worker_efficiency(out, a.device, a.steps)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        (out / f"{a.part}.json").write_text(json.dumps(result, indent=2))
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return 0
-
-
-# ------------------------------------------------------------------------------ the orchestrator
-def _launch(part: str, out: Path, device: str, timeout: float, steps: int) -> dict[str, Any]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    if part == "efficiency":  # one process, no process group needed
-        launcher = [sys.executable]
-    cmd = [*launcher, __file__, "--worker", part, str(out), "--device", device, "--steps", str(steps)]
+def launch(part: str, out: Path, device: str, timeout: float, steps: int) -> dict[str, Any]:
+    """Run one part in its own process (group); its JSON, or what broke."""
+    launcher = [sys.executable]
+    if part in TORCHRUN_PARTS:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    cmd = [*launcher, str(WORKER), part, str(out), "--device", device, "--steps", str(steps)]
     started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=worker_env(device, part),
+                            start_new_session=True)  # its own process group: a timeout ends the workers too
+    _running.append(proc)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        stdout, stderr = proc.communicate(timeout=timeout)
+        timed_out = False
     except subprocess.TimeoutExpired:
-        return {"ok": False, "error": f"timed out after {timeout:.0f} s"}
-    result: dict[str, Any] = {"seconds": round(time.perf_counter() - started, 1)}
-    if proc.returncode != 0 or not (out / f"{part}.json").is_file():
-        return {**result, "ok": False, "error": (proc.stderr or proc.stdout)[-2000:]}
-    return {**result, "ok": True, **json.loads((out / f"{part}.json").read_text())}
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        timed_out = True
+    finally:
+        _running.remove(proc)
+    seconds = round(time.perf_counter() - started, 1)
+    saved = out / f"{part}.json"
+    result: dict[str, Any] = json.loads(saved.read_text()) if saved.is_file() else {}
+    result["seconds"] = seconds
+    if timed_out:
+        return {**result, "ok": False, "error": f"timed out after {timeout:.0f} s (what it finished is kept)"}
+    if proc.returncode != 0 or not saved.is_file():
+        return {**result, "ok": False, "error": result.get("error") or worker_traceback(stderr or stdout)}
+    return {**result, "ok": result.get("ok", True)}
 
 
-def verdicts(results: dict[str, Any]) -> dict[str, bool | None]:
-    """The checks, each True / False, or None where the part did not run."""
+# ------------------------------------------------------------------------------ verdicts
+def _rows(results: dict[str, Any], part: str) -> list[dict[str, Any]]:
+    return results.get(part, {}).get("rows", [])
+
+
+def verdicts(results: dict[str, Any], device: str) -> dict[str, bool | None]:
+    """Each check True / False, or None where its part did not run (or cannot measure it on this device)."""
     out: dict[str, bool | None] = {}
     train = results.get("train", {})
-    if train.get("ok"):
-        for s in ("ddp", "fsdp"):
-            t = train[s]
-            out[f"{s}: finite loss, frozen unchanged, no optimizer state"] = (
-                t["losses_finite"] and t["frozen_unchanged"] and t["frozen_state_free"] and bool(t["frozen"]))
-            out[f"{s}: every collective on the training device"] = set(t["collective_devices"]) == {t["training_device"]}
+    for s in ("ddp", "fsdp"):
+        t = train.get(s, {})
+        if not t.get("ok"):
+            out[f"{s}: trains across the freeze events"] = False if "train" in results else None
+            continue
+        out[f"{s}: finite loss, frozen unchanged, no optimizer state"] = (
+            t["losses_finite"] and t["frozen_unchanged"] and t["frozen_state_free"] and bool(t["frozen"]))
+        out[f"{s}: every collective on the training device"] = set(t["collective_devices"]) == {t["training_device"]}
+        if t["host_syncs"]["measured"]:
+            syncs = t["host_syncs"]["per_step"]
+            out[f"{s}: 0 host syncs in a step without a freeze event (guard warn)"] = all(
+                syncs[str(k)] == 0 for k in t["host_syncs"]["steps_without_event"])
+        if t.get("data_wait_frac_max") is not None:
+            out[f"{s}: loader wait < 5% of the step time"] = t["data_wait_frac_max"] < 0.05
     resume = results.get("resume", {})
-    out["resume after a freeze event is bitwise"] = resume.get("bitwise_equal") if resume.get("ok") else None
-    comp = results.get("compile", {})
-    out["compile: <= 1 recompile per block per event"] = comp.get("at_most_one_per_event") if comp.get("ok") else None
-    eff = results.get("efficiency", {})
-    if eff.get("ok") and eff["rows"][0]["mfu"] is not None:
-        rows = eff["rows"]
-        deepest = max(r["k"] for r in rows)
-        plain = [r for r in rows if not r["knobs"]]
-        out["pixel-phase MFU >= 45%"] = next(r for r in plain if r["k"] == 0)["mfu"] >= 0.45
-        d = next(r for r in plain if r["k"] == deepest)
-        out["peak-memory saving at 2/3 frozen >= 32%"] = d["memory_ratio"] <= 0.68
-        out["step-time ratio within 5% of the FLOP ratio"] = all(abs(r["time_ratio"] / r["flop_ratio"] - 1) <= 0.05
-                                                                for r in rows)
+    if resume.get("ok"):
+        noise = resume["noise_floor_max_abs_diff"]
+        out["resume after a freeze event matches the uninterrupted run (bitwise, or within 2 runs' noise)"] = (
+            resume["bitwise_equal"] or (noise > 0 and resume["max_abs_diff"] <= noise))
+    elif "resume" in results:
+        out["resume after a freeze event matches the uninterrupted run (bitwise, or within 2 runs' noise)"] = False
+    eff, comp = _rows(results, "efficiency"), _rows(results, "compile")
+    if "efficiency" in results:
+        out["efficiency: every row measured"] = len(eff) == 9 and not results["efficiency"].get("errors")
+    if device == "cuda":
+        small = [r for r in eff if r["set"] == "small"]
+        if small and "memory_ratio" in small[-1]:
+            out["peak-memory saving at 2/3 frozen >= 32% (batch 8)"] = small[-1]["memory_ratio"] <= 0.68
+        for label, rows in (("eager", [r for r in eff if r["set"] == "compute"]), ("compiled", comp)):
+            latent = [r for r in rows if r["k"] > 0 and "flop_ratio" in r]
+            if latent:
+                out[f"step-time ratio within 5% of the FLOP ratio ({label}, compute-bound)"] = all(
+                    abs(r["time_ratio"] / r["flop_ratio"] - 1) <= 0.05 for r in latent)
+        pixel = next((r for r in comp if r["k"] == 0 and r["mfu"] is not None), None)
+        if pixel is not None:
+            out["pixel-phase MFU >= 40% (ViT-L bf16 compiled)"] = pixel["mfu"] >= 0.40
+        eager = {r["k"]: r for r in eff if r["set"] == "compute"}
+        if comp and eager:
+            out["compiled step faster than eager at every depth"] = all(
+                r["step_s"] < eager[r["k"]]["step_s"] for r in comp if r["k"] in eager)
+    if "compile" in results:
+        c = results["compile"]
+        out["compile: no recompile-limit fallback"] = not c.get("recompile_limit_hits") and c.get("ok", False)
+        for s in ("ddp", "fsdp"):
+            g = c.get(s, {})
+            out[f"compile ({s}): <= 1 new graph at each freeze event after the first"] = (
+                g.get("ok", False) and g["new_graphs_until_step"]["14"] <= 1 and g["new_graphs_until_step"]["16"] <= 1)
     return out
+
+
+# ------------------------------------------------------------------------------ the report
+def _fmt(x: Any, f: str) -> str:
+    return "n/a" if x is None else format(x, f)
 
 
 def markdown(payload: dict[str, Any]) -> str:
-    m = payload["meta"]
+    m, results = payload["meta"], payload["results"]
     lines = [f"Device check on **{payload['card']}** ({payload['device']}), torch {m['torch']}, {m['date_utc']}, "
-             f"{m['layerlock_plugin']}. Command: `{m['command']}`.", "", "| check | result |", "|---|---|"]
+             f"{m['layerlock_plugin']}. Command: `{m['command']}`. Parts run: {', '.join(payload['parts_done']) or 'none'}"
+             f"{'; pending: ' + ', '.join(payload['parts_pending']) if payload['parts_pending'] else ''}.",
+             "", "| check | result |", "|---|---|"]
     for name, ok in payload["verdicts"].items():
-        lines.append(f"| {name} | {'not run' if ok is None else ('yes' if ok else '**no**')} |")
-    for part in ("train", "resume", "compile", "efficiency"):
-        r = payload["results"].get(part, {})
-        if not r.get("ok"):
-            lines.append(f"\n{part}: did not run or failed: `{str(r.get('error', 'skipped'))[-300:]}`")
-    resume = payload["results"].get("resume", {})
+        lines.append(f"| {name} | {'not measured' if ok is None else ('yes' if ok else '**no**')} |")
+    for part, r in results.items():
+        errors = [r.get("error")] + [v.get("error") for v in r.values() if isinstance(v, dict)]
+        errors += list(r.get("errors", {}).values())
+        for e in filter(None, errors):
+            lines += ["", f"{part} ({r.get('seconds', '?')} s): error", "```", str(e)[-1500:], "```"]
+    for s in ("ddp", "fsdp"):
+        t = results.get("train", {}).get(s, {})
+        if t.get("ok"):
+            syncs = t["host_syncs"]
+            lines.append(f"\nTrain {s}: losses {', '.join(f'{x:.3f}' for x in t['losses'])}; peak memory "
+                         f"{_fmt(t['peak_mem_gb'], '.2f')} GB; loader wait at most {_fmt(t['data_wait_frac_max'], '.1%')} "
+                         f"of a log window; host syncs per step {syncs.get('per_step', 'not measured')} "
+                         f"(+{syncs.get('at_log_rows_and_checkpoints', 0)} at log rows and checkpoints).")
+    resume = results.get("resume", {})
     if resume.get("ok"):
-        lines.append(f"\nResume (fsdp, stopped after step {resume['resumed_at']}): bitwise {resume['bitwise_equal']}, "
-                     f"max |difference| {resume['max_abs_diff']:.3g}.")
-    eff = payload["results"].get("efficiency", {})
-    if eff.get("ok"):
-        lines += ["", "| knobs | frozen k | step s | clips/s | tokens/s | MFU | max memory GB | time ratio | FLOP ratio | memory ratio |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
-        fmt = lambda x, f: "n/a" if x is None else format(x, f)  # noqa: E731
-        for r in eff["rows"]:
-            lines.append(f"| {'q5%+sparse' if r['knobs'] else 'none'} | {r['k']} | {r['step_s']:.4f} | {r['clips_per_s']:.1f} | "
-                         f"{r['tokens_per_s']:.0f} | {fmt(r['mfu'], '.3f')} | {fmt(r['max_memory_gb'], '.2f')} | "
-                         f"{r['time_ratio']:.3f} | {r['flop_ratio']:.3f} | {fmt(r['memory_ratio'], '.3f')} |")
+        lines.append(f"\nResume (fsdp, stopped after step {resume['resumed_at']}, deterministic kernels): bitwise "
+                     f"{resume['bitwise_equal']}, max |difference| {resume['max_abs_diff']:.3g}; two uninterrupted runs "
+                     f"differ by {resume['noise_floor_max_abs_diff']:.3g}. Ops without a deterministic kernel: "
+                     f"{resume['nondeterministic_ops'] or 'none'}.")
+    rows = _rows(results, "efficiency") + _rows(results, "compile")
+    if rows:
+        lines += ["", "| rows | batch | compiled | frozen k | step s | clips/s | MFU | base / peak memory GB | time ratio | "
+                      "FLOP ratio | memory ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['set']} | {r['batch']} | {r['compiled']} | {r['k']} | {r['step_s']:.4f} | "
+                         f"{r['clips_per_s']:.1f} | {_fmt(r['mfu'], '.3f')} | {_fmt(r['base_memory_gb'], '.2f')} / "
+                         f"{_fmt(r['max_memory_gb'], '.2f')} | {_fmt(r.get('time_ratio'), '.3f')} | "
+                         f"{_fmt(r.get('flop_ratio'), '.3f')} | {_fmt(r.get('memory_ratio'), '.3f')} |")
+    comp = results.get("compile", {})
+    for s in ("ddp", "fsdp"):
+        if comp.get(s, {}).get("ok"):
+            lines.append(f"\nCompile ({s}, {comp['backend']}): new graphs until step "
+                         f"{comp[s]['new_graphs_until_step']} (events at 6, 10, 14); recompile-limit fallbacks: "
+                         f"{comp.get('recompile_limit_hits') or 'none'}.")
     return "\n".join(lines) + "\n"
+
+
+def write(folder: Path, name: str, payload: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for suffix, text in ((".json", json.dumps(payload, indent=2)), (".md", markdown(payload))):
+        tmp = folder / f"{name}{suffix}.tmp"
+        tmp.write_text(text)
+        tmp.replace(folder / f"{name}{suffix}")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "--worker":
-        return _worker(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
-    p.add_argument("--parts", nargs="+", default=["train", "resume", "compile", "efficiency"],
-                   choices=["train", "resume", "compile", "efficiency"])
-    p.add_argument("--steps", type=int, default=None, help="timed steps per efficiency point (default 20 GPU, 2 CPU)")
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per efficiency row (default 10 GPU, 2 CPU)")
     p.add_argument("--tag", default="")
     p.add_argument("--results-dir", default=str(RESULTS))
     args = p.parse_args(argv)
@@ -338,30 +260,33 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
     card = torch.cuda.get_device_name(0) if device == "cuda" else "CPU"
-    steps = args.steps or (20 if device == "cuda" else 2)
+    steps = args.steps or (10 if device == "cuda" else 2)
+    timeouts = GPU_TIMEOUTS if device == "cuda" else CPU_TIMEOUTS
+    parts = [p for p in PARTS if p in args.parts]  # efficiency always before compile
+    folder, name = Path(args.results_dir), "gpu_check" + (f"-{args.tag}" if args.tag else "")
+    previous = folder / f"{name}.json"
     results: dict[str, Any] = {}
+    if set(parts) != set(PARTS) and previous.is_file():  # a rerun of some parts keeps the others' results
+        results = {k: v for k, v in json.loads(previous.read_text())["results"].items() if k not in parts}
+    budget = sum(timeouts[p] for p in parts)
+    print(f"[gpu_check] {', '.join(parts)} on {card}: at most {budget} s ({budget / 60:.1f} min; timeouts "
+          f"{', '.join(f'{p} {timeouts[p]} s' for p in parts)})", flush=True)
+    meta = provenance(["benchmarks/gpu_check.py", *argv])
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _stop_running)
     with tempfile.TemporaryDirectory() as tmp:
-        for part in args.parts:
-            if part == "compile" and device == "cpu":
-                results[part] = {"ok": False, "error": "skipped on CPU (compiling takes minutes there)"}
-                continue
-            out = Path(tmp) / part
-            out.mkdir()
-            print(f"[gpu_check] {part} on {card} ...", flush=True)
-            results[part] = _launch(part, out, device, timeout=420 if device == "cuda" else 600, steps=steps)
-            print(f"[gpu_check] {part}: {'ok' if results[part]['ok'] else 'FAILED'} "
-                  f"({results[part].get('seconds', '?')} s)", flush=True)
-    payload = {"meta": provenance(["benchmarks/gpu_check.py", *argv]), "card": card, "device": device, "results": results,
-               "verdicts": verdicts(results)}
-    folder = Path(args.results_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    name = "gpu_check" + (f"-{args.tag}" if args.tag else "")
-    (folder / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    (folder / f"{name}.md").write_text(markdown(payload))
+        for i, part in enumerate(parts):
+            print(f"[gpu_check] {part} ...", flush=True)
+            results[part] = launch(part, Path(tmp) / part, device, timeouts[part], steps)
+            print(f"[gpu_check] {part}: {'ok' if results[part]['ok'] else 'FAILED'} ({results[part]['seconds']} s)",
+                  flush=True)
+            payload = {"meta": meta, "card": card, "device": device, "results": results,
+                       "parts_done": [p for p in PARTS if p in results], "parts_pending": parts[i + 1:],
+                       "verdicts": verdicts(results, device)}
+            write(folder, name, payload)
     print(markdown(payload))
     failed = [n for n, ok in payload["verdicts"].items() if ok is False]
-    runs_failed = [p for p, r in results.items() if not r.get("ok") and not str(r.get("error", "")).startswith("skipped")]
-    return 1 if (failed or runs_failed) and device == "cuda" else (1 if runs_failed else 0)
+    return 1 if failed or any(not r.get("ok") for r in results.values()) else 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,12 @@ The loop is what you would add to your own trainer: ``begin_step`` (freeze on sc
 LR warmup), ``targets`` (from the frozen prefix, no autograd), the student forward with its frozen
 prefix run without autograd, ``loss``, ``end_step`` (collapse guard), and the LayerLock state in the
 checkpoint.
+
+The clips are standardised per colour channel, as in the main job (``layerlock-train``): on raw [0, 1]
+clips this tiny ViT's latent targets shrink toward a constant after the switch to them (their
+``feature_std`` falls below the guard's ``min_feature_std`` of 0.05 within 120 steps), the loss falls
+toward 0 without anything being learned, and the collapse guard says so (policy ``warn``: it prints
+and training goes on).
 """
 
 import argparse
@@ -33,7 +39,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     ll = LayerLock(model, config, optimizer, tubelet=model_cfg.tubelet, total_steps=args.steps)
     ll.on_event(lambda event: print(event.describe()))
-    data = DigitsVideoDataset(DigitsVideoConfig(num_videos=256), "train", cache=True)
+    data = DigitsVideoDataset(DigitsVideoConfig(num_videos=256, standardize=True), "train", cache=True)  # see above
 
     for step in range(args.steps):
         batch = torch.stack([data[(step * 16 + i) % len(data)]["video"] for i in range(16)])   # [B, C, T, H, W]
@@ -52,6 +58,8 @@ def main() -> None:
                   f"target {ll.heads()[-1]} lr-factor {m['layerlock/warmup_factor']:.2f}")
 
     checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "layerlock": ll.state_dict()}
+    print(f"collapse guard: {int(ll.metrics()['layerlock/guard_trips'])} trips (a trip prints a line with the "
+          f"statistic below its threshold)")
     print(f"done; checkpoint keys: {sorted(checkpoint)}; LayerLock resumes at step {checkpoint['layerlock']['next_step']}")
 
 

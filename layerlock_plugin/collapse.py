@@ -65,12 +65,19 @@ class GuardDecision:
 
 
 @torch.no_grad()
-def feature_stat_tensors(features: torch.Tensor, sample_tokens: int = 256) -> torch.Tensor:
-    """``features [..., D]`` -> ``[feature_std, effective_rank]`` as a 2-vector on the features' device
-    (no host sync), measured on an evenly strided sample of at most ``sample_tokens`` tokens."""
+def token_sample(features: torch.Tensor, sample_tokens: int = 256) -> torch.Tensor:
+    """``features [..., D]`` -> an evenly strided sample ``[S, D]`` (float32, detached) of at most
+    ``sample_tokens`` of its tokens: what the feature statistics are measured on."""
     x = features.detach().reshape(-1, features.shape[-1]).float()
     if x.shape[0] > sample_tokens:
         x = x[torch.linspace(0, x.shape[0] - 1, sample_tokens, device=x.device).long()]
+    return x
+
+
+@torch.no_grad()
+def sample_stats(x: torch.Tensor) -> torch.Tensor:
+    """``[feature_std, effective_rank]`` of a token sample ``x [S, D]`` (:func:`token_sample`) as a 2-vector on
+    its device, no host sync. The effective rank needs the sample's singular values (``svdvals``)."""
     rms = x.pow(2).mean().sqrt().clamp_min(1e-12)
     std = x.std(dim=0, unbiased=False).mean() / rms
     centred = x - x.mean(dim=0, keepdim=True)
@@ -80,6 +87,12 @@ def feature_stat_tensors(features: torch.Tensor, sample_tokens: int = 256) -> to
     entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
     erank = torch.where(total > 0, torch.exp(entropy) / min(x.shape), torch.zeros_like(entropy))
     return torch.stack([std, erank])
+
+
+def feature_stat_tensors(features: torch.Tensor, sample_tokens: int = 256) -> torch.Tensor:
+    """``features [..., D]`` -> ``[feature_std, effective_rank]`` as a 2-vector on the features' device
+    (no host sync), measured on an evenly strided sample of at most ``sample_tokens`` tokens."""
+    return sample_stats(token_sample(features, sample_tokens))
 
 
 def feature_stats(features: torch.Tensor, sample_tokens: int = 256) -> dict[str, float]:
@@ -111,17 +124,37 @@ class CollapseGuard:
         """``[len(MEASURES)]`` float vector on ``loss``'s device (None with policy ``off``): whether the loss
         is non-finite, whether the target was measured this step (every ``guard.every`` steps) and then its
         statistics. ``loss``: scalar; ``target [..., D]``: the latent target (None for pixels)."""
+        pending = self.measure_deferred(step, loss, target)
+        return None if pending is None else self.complete(*pending)
+
+    def measure_deferred(self, step: int, loss: torch.Tensor, target: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """:meth:`measure` without its costly part: ``(measures, sample)`` where ``measures`` is the
+        ``[len(MEASURES)]`` vector with ``feature_std`` and ``effective_rank`` still 0, and ``sample [S, D]``
+        the target's token sample they are to be computed from by :meth:`complete` (None when this step is
+        not measured). A host that decides late (at its log steps) keeps the sample, small and on the
+        device, and runs the spectrum there instead of in every measured step. None with policy ``off``."""
         if self.config.policy == "off":
             return None
         loss = loss.detach().float()
         nonfinite = (~torch.isfinite(loss)).float().reshape(())
+        zero = torch.zeros((), device=loss.device)
         if target is None or step % self.config.every:
-            zero = torch.zeros((), device=loss.device)
-            return torch.stack([nonfinite, zero, zero, zero, zero])
-        stats = feature_stat_tensors(target, self.config.sample_tokens).to(loss.device)
+            return torch.stack([nonfinite, zero, zero, zero, zero]), None
+        sample = token_sample(target, self.config.sample_tokens)
         var = target.detach().float().reshape(-1, target.shape[-1]).var(dim=0).mean().to(loss.device)
         relative = loss.reshape(()) / var.clamp_min(1e-12)
-        return torch.stack([nonfinite, torch.ones((), device=loss.device), stats[0], stats[1], relative])
+        return torch.stack([nonfinite, torch.ones((), device=loss.device), zero, zero, relative]), sample
+
+    @staticmethod
+    def complete(measures: torch.Tensor, sample: torch.Tensor | None) -> torch.Tensor:
+        """The full :meth:`measure` vector ``[len(MEASURES)]`` from :meth:`measure_deferred`'s pair ``(measures
+        [len(MEASURES)], sample [S, D] or None)``: the sample's statistics filled in (on the device, no sync)."""
+        if sample is None:
+            return measures
+        stats = sample_stats(sample).to(measures.device)
+        i = MEASURES.index("feature_std")
+        return torch.cat([measures[:i], stats, measures[i + 2:]])
 
     def decide(self, step: int, measures: Sequence[float]) -> GuardDecision:
         """Thresholds and policy on host values of :meth:`measure` (averaged over ranks by the caller: a

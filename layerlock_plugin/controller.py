@@ -298,6 +298,15 @@ class LayerLock:
         ``measured``: one collective and one host transfer per step for everything."""
         return self.guard.measure(self.plan.step, loss, self._latent(targets))
 
+    def guard_measure_deferred(self, loss: torch.Tensor,
+                               targets: dict[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor] | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """:meth:`guard_measure` for a host that decides late (at its log steps): ``(measures [5], sample)``,
+        the target statistics left for :meth:`~layerlock_plugin.collapse.CollapseGuard.complete` to compute
+        from the token ``sample [S, D]`` then (None when not measured this step), so the step itself runs no
+        spectrum (``svdvals``). None when the guard is off."""
+        return self.guard.measure_deferred(self.plan.step, loss, self._latent(targets))
+
     def end_step(self, loss: torch.Tensor | None = None,
                  targets: dict[str, torch.Tensor] | torch.Tensor | Sequence[torch.Tensor] | None = None, *,
                  measured: Sequence[float] | None = None, step: int | None = None) -> GuardDecision:

@@ -42,3 +42,13 @@ class MissingDependencyError(LayerLockError, ImportError):
 class DataError(LayerLockError, RuntimeError):
     """Training data that cannot be used: a bad video under ``data.on_bad_video: raise``, or no good video
     found for a sample. The message names the file and the reason."""
+
+
+def install_extra(extra: str) -> str:
+    """How to install the optional packages of the pip extra ``extra``, in commands that work.
+
+    The distribution is not on PyPI, so ``pip install "layerlock-plugin[X]"`` alone fails in a fresh
+    environment; it works where layerlock-plugin is installed already (pip then adds only the extra's
+    packages), and ``pip install -e ".[X]"`` works from a checkout."""
+    return (f'pip install -e ".[{extra}]" from the layerlock-plugin checkout, or pip install '
+            f'"layerlock-plugin[{extra}]" where layerlock-plugin is installed already')

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ._compat import ddp_buffer_sync_of
 from .collapse import GuardDecision
 
 __all__ = ["DDPSync", "LayerLockDDP", "ddp_arguments", "set_active_heads", "skip_update", "trainable_key"]
@@ -36,8 +37,7 @@ def trainable_key(module: nn.Module) -> tuple[bool, ...]:
 def ddp_arguments(ddp: DistributedDataParallel) -> dict[str, Any]:
     """The constructor arguments that shaped ``ddp``, read back so that it can be rebuilt alike
     (mmengine's ``MMDistributedDataParallel`` adds ``detect_anomalous_params``)."""
-    sync = "forward_sync_buffers" if hasattr(ddp, "forward_sync_buffers") else "broadcast_buffers"
-    kwargs = {"device_ids": ddp.device_ids, "output_device": ddp.output_device, sync: getattr(ddp, sync),
+    kwargs = {"device_ids": ddp.device_ids, "output_device": ddp.output_device, **ddp_buffer_sync_of(ddp),
               "process_group": ddp.process_group, "find_unused_parameters": ddp.find_unused_parameters,
               "gradient_as_bucket_view": ddp.gradient_as_bucket_view, "static_graph": ddp.static_graph,
               "bucket_cap_mb": ddp.bucket_bytes_cap / (1024 * 1024)}

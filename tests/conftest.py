@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -13,6 +16,10 @@ from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, check_layers
 # Under pytest-xdist (README's `-n 2`) the workers already share the cores: one intra-op thread each, since
 # more threads per worker only contend (and tiny models gain nothing from them).
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+# The random-init probe baselines the runs cache (reference/eval/baseline_cache.py) go to a folder of this
+# test session, inherited by every subprocess: nothing is written to the user's cache.
+os.environ["LAYERLOCK_CACHE"] = tempfile.mkdtemp(prefix="layerlock-test-cache-")
+atexit.register(shutil.rmtree, os.environ["LAYERLOCK_CACHE"], True)
 
 
 class ToyBlock(nn.Module):

@@ -207,3 +207,16 @@ def test_supervised_recipe_quick(tmp_path):
     res = _outputs(tmp_path, "supervised_recipe-quick")
     assert res["num_classes"] == 10 and res["steps"] == 12 and [c["step"] for c in res["curve"]] == list(range(2, 13, 2))
     assert all(0 <= c["test_acc"] <= 1 and math.isfinite(c["train_loss"]) for c in res["curve"])
+
+
+@pytest.mark.timeout(300)
+def test_main_job_speed_compares_against_a_commit_and_checks_the_numbers(tmp_path):
+    speed = _load("main_job_speed")
+    tiny = ["--set", "data.num_videos=64", "--set", "train.batch_size=8", "--set", "train.steps=4",
+            "--set", "schedule.pixel_steps=2", "--set", "schedule.interval=1", "--set", "schedule.max_frozen=1",
+            "--set", "optim.warmup_steps=1", "--set", "warmup.steps=1", "--no-probe"]
+    out = tmp_path / "speed.json"
+    assert speed.main(["--baseline", "HEAD", "--runs", "1", "--out", str(out), *tiny]) == 0
+    res = json.loads(out.read_text())
+    assert res["weights_bitwise_equal"] and res["probe_lines_identical"]
+    assert res["median_ratio_checkout_over_baseline"]["wall_s"] > 0 and len(res["runs"]["baseline"]) == 1

@@ -153,17 +153,22 @@ def test_two_process_run_stops_on_a_signal_at_one_step_and_resumes_bitwise(tmp_p
     full = subprocess.run(_torchrun() + ddp + ["--out", "full"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=400)
     _finished(full, tmp_path / "full")
-    proc = _start(ddp + ["--out", "run"], tmp_path, launcher=_torchrun())
+    proc = _start(ddp + ["--out", "run", "--resume", "auto"], tmp_path, launcher=_torchrun())  # starts fresh
     latest = tmp_path / "run" / "dcp" / "latest"
     _wait_for(lambda: latest.is_file() and latest.read_text().strip() >= "step_00000010", proc)
     after = 11 + int(torch.randint(0, 3, ()))  # some step after the first checkpoint, as logged
     _wait_for(lambda: _logged_steps(tmp_path / "run") >= after, proc)
     os.killpg(proc.pid, signal.SIGTERM)  # SLURM signals every process of the job step
-    proc.communicate(timeout=200)
+    stdout, _ = proc.communicate(timeout=200)
     stopped = latest.read_text().strip()
     assert stopped != "step_00000040", "the run finished before the signal"
-    resumed = subprocess.run(_torchrun() + ddp + ["--out", "run", "--resume", "auto"], cwd=tmp_path, env=env,
-                             capture_output=True, text=True, timeout=400)
+    # the printed command continues the run; without torchrun it is refused, naming that command
+    hint = "torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli --resume run"
+    assert f"Continue with: {hint}\n" in stdout
+    alone = run_main(["--resume", "run"], tmp_path)
+    assert alone.returncode == 2 and f"continue it under torchrun, e.g. `{hint}`" in alone.stderr, alone.stderr
+    resumed = subprocess.run([sys.executable, "-m", "torch.distributed.run", *hint.split()[1:]], cwd=tmp_path,
+                             env=env, capture_output=True, text=True, timeout=400)
     _finished(resumed, tmp_path / "run")
     assert rows(tmp_path / "run" / "metrics.jsonl") == rows(tmp_path / "full" / "metrics.jsonl")
     a, b = (torch.load(tmp_path / name / "encoder.pt", weights_only=True)["encoder"] for name in ("full", "run"))
@@ -270,8 +275,9 @@ def test_a_missing_wandb_is_refused_naming_the_extra(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(metric_sinks.importlib.util, "find_spec", lambda name: None if name == "wandb" else real(name))
     cfg = load_config(None, [f"out_dir={tmp_path / 'x'}", "train.wandb.project=p"])
-    with pytest.raises(ConfigError, match=r'^train\.wandb\.project: is set but wandb is not installed: pip install '
-                                          r'"layerlock-plugin\[wandb\]"'):
+    with pytest.raises(ConfigError, match=r'^train\.wandb\.project: is set but wandb is not installed: pip install -e '
+                                          r'"\.\[wandb\]" from the layerlock-plugin checkout, or pip install '
+                                          r'"layerlock-plugin\[wandb\]" where layerlock-plugin is installed already'):
         metric_sinks.check_sinks(cfg.train)
     assert not (tmp_path / "x").exists()
 

@@ -44,6 +44,7 @@ TINY = [
 STOP = 11  # stop after the event at step 10, resume to 16
 ACCUM = ["train.grad_accum=2", "train.activation_checkpointing=true"]
 SPARSE = ["target.loss_fraction=0.25", "target.context=sparse"]  # queries on 25% of the masked, sparse target pass
+STOCHASTIC = ["model.drop_path=0.2", "model.proj_drop=0.1", "target.loss_fraction=0.5"]  # every random knob
 
 
 def tiny_config(out, *extra):
@@ -98,10 +99,10 @@ def _worker(root: Path) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     report: dict = {"world_size": dist.get_world_size()}
-    from gpu_check import _record_collectives  # benchmarks/: the device check records the same way
+    from gpu_check_workers import record_collectives  # benchmarks/: the device check records the same way
 
     devices: list[str] = []
-    _record_collectives(devices)
+    record_collectives(devices)
     for strategy, extra in (("ddp", []), ("fsdp", []), ("ddp_accum", ACCUM), ("fsdp_accum", ACCUM),
                             ("fsdp_sparse", SPARSE)):
         name = strategy
@@ -138,6 +139,21 @@ def _worker(root: Path) -> None:
             entry["resume_equal"] = all(torch.equal(after[n], res[n]) for n in after)
             entry["resume_max_diff"] = max(float((after[n] - res[n]).abs().max()) for n in after)
         report[name] = entry
+
+    # every stochastic knob on (per-rank dropout / drop-path streams, the query subset), logs every 5 steps:
+    # stopped at 11 (off the log cadence) and resumed from DCP = the uninterrupted run, RNG state included
+    drop = lambda d: tiny_config(root / d, "train.strategy=ddp", *STOCHASTIC, "train.log_every=5")  # noqa: E731
+    full = Trainer(drop("drop_full"), **quiet)
+    full.fit()
+    after, rng_after = _full_params(full.model), torch.get_rng_state()
+    Trainer(drop("drop_part"), **quiet).fit(stop_after=STOP)
+    resumed = Trainer(drop("drop_part"), resume=root / "drop_part", **quiet)
+    resumed.fit()
+    res = _full_params(resumed.model)
+    differ = [n for n in after if not torch.equal(after[n], res[n])]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {"differ": differ, "rng_equal": torch.equal(rng_after, torch.get_rng_state())})
+    report["drop"] = {"per_rank": gathered, "tensors": len(after)}
 
     # bad input, on every rank (each must raise, or the other would hang in a collective)
     errors = {}
@@ -223,6 +239,17 @@ def test_distributed_resume_after_freeze_matches_uninterrupted(runs, name):
     assert latest == "step_00000016" and (root / f"{name}_part" / "encoder.pt").is_file()
 
 
+def test_distributed_resume_with_dropout_drop_path_and_query_subset_is_bitwise(runs):
+    root, report = runs
+    for rank, entry in enumerate(report["drop"]["per_rank"]):
+        assert entry["differ"] == [], f"rank {rank}: {len(entry['differ'])} of {report['drop']['tensors']} differ"
+        assert entry["rng_equal"], f"rank {rank}: the dropout RNG stream ends elsewhere than the uninterrupted run's"
+    strip = lambda rows: [{k: v for k, v in json.loads(r).items() if k != "elapsed_s"} for r in rows]  # noqa: E731
+    full = (root / "drop_full" / "metrics.jsonl").read_text().splitlines()
+    assert [r["step"] for r in strip(full)] == [5, 10, 15, 16]
+    assert strip((root / "drop_part" / "metrics.jsonl").read_text().splitlines()) == strip(full)
+
+
 def test_dcp_run_resumes_in_its_copy_and_forks_without_touching_the_source(runs):
     root, report = runs
     entry = report["ddp"]
@@ -252,7 +279,7 @@ def test_consolidated_encoder_export(runs, name):
 def test_every_collective_runs_on_the_training_device(runs):
     """Each tensor the 2-process runs handed to torch.distributed (the step's all-reduce, the adaptive
     and guard reductions, DCP, logging) was on the device the trainer runs on: the CPU here. On a GPU the
-    same recorder runs in benchmarks/gpu_check.py, where a CPU tensor would be the bug."""
+    same recorder runs in the device check (benchmarks/gpu_check_workers.py), where a CPU tensor would be the bug."""
     _, report = runs
     assert report["collectives"] > 100 and report["collective_devices"] == ["cpu"]
 

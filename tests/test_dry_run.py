@@ -94,3 +94,26 @@ def test_adaptive_schedule_dry_run_costs_each_depth(capsys):
 def test_dry_run_bad_world_size(capsys):
     assert main(["--config", "vit_g", "--dry-run", "--world-size", "0"]) == 2
     assert "--world-size: must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, sets", [("vit_l", []), ("vit_l", ["target.loss_fraction=1.0", "target.context=full"]),
+                                        ("vit_g", [])])
+def test_the_dry_run_says_the_whole_run_cost_against_mae_first(name, sets):
+    """What a user pays for LayerLock, on the first line: the whole run's FLOPs against the same run as MAE
+    (and, with a query subset, against an MAE run that queries every masked patch)."""
+    from layerlock_plugin.reference.config import apply_overrides, build_config, load_yaml
+
+    raw = apply_overrides(load_yaml(name), sets)
+    raw["data"] = {"source": "digits", "num_videos": 1}
+    cfg = build_config(raw)
+    lines = []
+    report = dry_run(cfg, world_size=8 if name == "vit_l" else 256, echo=lines.append)
+    steps, batch = cfg.train.steps, cfg.train.batch_size
+    same = step_flops(cfg.model, 0, [], cfg.target.loss_fraction)["total"] * steps * batch
+    every = step_flops(cfg.model, 0, [], 1.0)["total"] * steps * batch
+    assert lines[0].startswith("cost: the whole run is ") and f"{report['total_flops'] / same:.3f}x" in lines[0]
+    assert f"freezing saves {1 - report['student_vs_mae']:.1%}" in lines[0]
+    if cfg.target.loss_fraction < 1:
+        assert f"{report['total_flops'] / every:.3f}x" in lines[1] and "every masked patch" in lines[1]
+    else:
+        assert "every masked patch" not in lines[1]

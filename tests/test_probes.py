@@ -575,6 +575,40 @@ def test_random_init_baseline_is_the_runs_own_initial_encoder(tmp_path, method):
     assert not torch.equal(other["patch_embed.weight"], base["patch_embed.weight"])
 
 
+@pytest.mark.timeout(300)
+def test_the_random_init_baseline_is_computed_once_per_config_seed_code_and_machine(tmp_path, monkeypatch):
+    """The second run of one config and seed reads its random-init numbers from the cache: the same
+    numbers; another seed, other code or a disabled cache compute them."""
+    import json
+
+    from cli_helpers import run_cli, tiny_args
+
+    from layerlock_plugin.reference.eval import baseline_cache
+
+    monkeypatch.setenv("LAYERLOCK_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for name, extra in (("first", []), ("second", []), ("seed1", ["--seed", "1"])):
+        out = run_cli(tiny_args("--out", name, "--set", "train.steps=2", *extra, probe=True), tmp_path)
+        assert out.returncode == 0, out.stderr
+        runs[name] = (out.stdout, json.loads((tmp_path / name / "probes.json").read_text()))
+    entries = sorted((tmp_path / "cache" / baseline_cache.SUBDIR).glob("*.json"))
+    assert len(entries) == 2  # one per seed
+    said = "[probes] random-init baseline from the cache"
+    assert said not in runs["first"][0] and said in runs["second"][0] and said not in runs["seed1"][0]
+    assert runs["second"][1]["random_init"] == runs["first"][1]["random_init"]
+    assert runs["seed1"][1]["random_init"] != runs["first"][1]["random_init"]
+    # the key covers the package's source: any code change is a miss
+    from layerlock_plugin.reference.model import ModelConfig
+
+    args = (ModelConfig.tiny().__dict__, {}, {}, 0, (1, 2), torch.device("cpu"))
+    key = baseline_cache.baseline_key(*args)
+    monkeypatch.setattr(baseline_cache, "_source_digest", lambda: "other code")
+    assert baseline_cache.baseline_key(*args) != key
+    monkeypatch.setenv("LAYERLOCK_CACHE", "off")
+    assert baseline_cache.cache_dir() is None and baseline_cache.load(key) is None
+
+
+@pytest.mark.timeout(240)
 def test_main_job_prints_and_saves_probes_beside_random_init(tmp_path, capsys):
     import json
 
@@ -598,6 +632,8 @@ def test_main_job_prints_and_saves_probes_beside_random_init(tmp_path, capsys):
             f"majority {probes['motion_chance_majority']:.3f})") in printed
     assert f"depth R2 {probes['dense_r2']:.3f} (random init {base['dense_r2']:.3f}" in printed
     assert "every probe kind, trained / random init: motion linear" in printed
+    # what a user may conclude from it, said with it
+    assert "compare runs on depth R2" in printed and "below random init means frame detail was discarded" in printed
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -224,6 +224,22 @@ def test_changing_the_budget_on_resume_is_refused_unless_extended_and_extension_
     assert done.returncode == 2 and "the run is finished (extend it with --extend N, N > 40)" in done.stderr
 
 
+def test_a_warmup_longer_than_the_run_is_warned_and_extend_describes_the_lr_curve_that_runs(tmp_path):
+    long_warmup = ["--set", "optim.warmup_steps=100"]
+    out = run_cli(tiny_args("--out", "run", "--stop-after", "12", *long_warmup), tmp_path)
+    assert out.returncode == 0, out.stderr
+    warning = [line for line in out.stderr.splitlines() if "optim.warmup_steps" in line]
+    assert len(warning) == 1 and warning[0].startswith(
+        "layerlock-train: warning: optim.warmup_steps: the LR warmup (100 steps) is not shorter than the run "
+        "(train.steps=24): the LR rises for the whole run"), out.stderr
+    out = run_cli(["--resume", "run", "--extend", "40", "--no-progress"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    said = next(line for line in out.stdout.splitlines() if line.startswith("extending the run"))
+    assert "then decays" not in said, said  # the warmup (100 steps) outlasts the extended run too: the LR only rises
+    last_lr = rows(tmp_path / "run" / "metrics.jsonl")[-1]["lr"]
+    assert f"then keeps rising (optim.warmup_steps=100) to {last_lr:.3g} at step 40" in said, (said, last_lr)
+
+
 def test_no_probe_is_said_on_resume_and_probe_turns_them_back_on(tmp_path):
     assert run_main(tiny_args("--out", "run", "--stop-after", "20", *LINEAR_PROBE), tmp_path).returncode == 0
     out = run_main(["--resume", "run", "--probe", "--no-progress"], tmp_path)
@@ -269,9 +285,13 @@ def test_package_warnings_are_one_clean_line(tmp_path):
     out = run_cli(tiny_args("--out", "run", "--set", "train.steps=3"), tmp_path)
     assert out.returncode == 0, out.stderr
     warning = [line for line in out.stderr.splitlines() if "warning" in line]
-    assert warning == ["layerlock-train: warning: schedule: the last freeze event is at step 14 but the run has 3 "
-                       "steps; only 0 of 3 blocks will be frozen. Shorten schedule.pixel_steps / schedule.interval "
-                       "or lower schedule.max_frozen."]
+    assert sorted(warning) == [
+        "layerlock-train: warning: optim.warmup_steps: the LR warmup (3 steps) is not shorter than the run "
+        "(train.steps=3): the LR rises for the whole run: it starts at 0.0005 and keeps rising "
+        "(optim.warmup_steps=3) to 0.0015 at step 3, and never decays. Set optim.warmup_steps below 3 (e.g. 1).",
+        "layerlock-train: warning: schedule: the last freeze event is at step 14 but the run has 3 "
+        "steps; only 0 of 3 blocks will be frozen. Shorten schedule.pixel_steps / schedule.interval "
+        "or lower schedule.max_frozen."]
 
 
 def test_an_adaptive_run_without_events_says_so(tmp_path):

@@ -1,6 +1,7 @@
 """The reference trainer end to end on tiny settings: exact resume, the CLI's run folder, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,20 +144,24 @@ def test_step_batch_sampler_is_a_function_of_the_step():
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))  # epochs are permutations
 
 
-def test_custom_loop_example_runs(monkeypatch, capsys):
-    """The example as a script (``python examples/custom_loop.py --steps 36``), run in this process."""
+def test_custom_loop_example_runs_its_default_length_without_a_guard_trip(monkeypatch, capsys):
+    """README's own loop, as a user runs it (``python examples/custom_loop.py``, here in this process): three
+    freeze events and no collapse-guard trip (its first contact with the guard must not be an unexplained trip)."""
     import runpy
 
     example = Path(__file__).resolve().parents[1] / "examples" / "custom_loop.py"
-    monkeypatch.setattr(sys, "argv", [str(example), "--steps", "36"])
+    monkeypatch.setattr(sys, "argv", [str(example)])
     threads = torch.get_num_threads()
     try:
         runpy.run_path(str(example), run_name="__main__")
     finally:
         torch.set_num_threads(threads)
-    out = capsys.readouterr().out
-    assert "step 12: froze stem, block_1 (1 blocks frozen); target -> layer_1" in out
-    assert "LayerLock resumes at step 36" in out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "step 40: froze stem, block_1 (1 blocks frozen); target -> layer_1" in out
+    assert "step 80: froze block_3 (3 blocks frozen); target -> layer_3" in out
+    assert "tripped" not in out + captured.err and "collapse guard: 0 trips" in out, out
+    assert "LayerLock resumes at step 120" in out
 
 
 def test_set_data_source_folder_starts_a_fresh_data_section(tmp_path):

@@ -8,7 +8,7 @@
 * :mod:`.vjepa2`: ``VJEPA2Model``'s encoder as a layered encoder and the context / predictor passes that
   :class:`~layerlock_plugin.adapters.vjepa.LayerLockAdapter` needs.
 
-Install: ``pip install "layerlock-plugin[hf]"`` (transformers>=5.17,<6 and accelerate); another
+Install: ``pip install -e ".[hf]"`` (transformers>=5.17,<6 and accelerate); another
 transformers version is refused at import, naming the tested range.
 """
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import re
 
-from layerlock_plugin.errors import MissingDependencyError
+from layerlock_plugin.errors import MissingDependencyError, install_extra
 
 #: The range the tests ran on, ``(lowest, first excluded)`` as (major, minor) (``setup.cfg``'s ``hf`` extra says the
 #: same): 5.17 and 5.25 were tested; 5.0 does not import beside the current ``kernels`` package.
 TESTED_RANGE = ((5, 17), (6, 0))
 SPEC = f"transformers>={TESTED_RANGE[0][0]}.{TESTED_RANGE[0][1]},<{TESTED_RANGE[1][0]}"
-INSTALL_HINT = 'pip install "layerlock-plugin[hf]"'
+INSTALL_HINT = install_extra("hf")
 
 
 def check_transformers_version(version: str) -> None:

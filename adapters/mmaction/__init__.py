@@ -4,7 +4,7 @@
     model = dict(type='LayerLockVideoMAE', backbone=dict(type='VisionTransformer', ...), ...)
     custom_hooks = [dict(type='LayerLockHook', schedule=dict(...), ...)]
 
-Importing it (1) makes the broken mmaction2 1.2.0 PyPI wheel importable (:mod:`.compat`, warns once,
+Importing it (1) makes the broken mmaction2 1.2.0 PyPI wheel importable (:mod:`.compat`, silently; it
 does nothing for a source install), (2) lets mmengine checkpoints written from then on load with
 torch's ``weights_only`` default (:func:`.compat.allow_mmengine_checkpoints`), (3) registers :class:`LayerLockVideoMAE` (``MODELS``) and
 :class:`LayerLockHook` (``HOOKS``) in mmaction2's registries *and* mmengine's root registries, so
@@ -12,27 +12,26 @@ they are found with ``default_scope='mmaction'`` and with ``custom_imports`` alo
 scope is mmengine's; mmengine issue #1662).
 """
 
-from layerlock_plugin.errors import MissingDependencyError
+from layerlock_plugin.errors import MissingDependencyError, install_extra
 
 try:
     import mmengine  # noqa: F401
 except ImportError as exc:
     raise MissingDependencyError(
-        'layerlock_plugin.adapters.mmaction needs mmaction2 and mmengine: pip install "layerlock-plugin[mmaction]"'
+        f"layerlock_plugin.adapters.mmaction needs mmaction2 and mmengine: {install_extra('mmaction')}"
     ) from exc
 
-from .compat import allow_mmengine_checkpoints, install_drn_placeholder, skip_vindlu_under_transformers_5
+from .compat import allow_mmengine_checkpoints, import_mmaction_models, install_drn_placeholder
 
 install_drn_placeholder()  # before anything imports mmaction.models
-skip_vindlu_under_transformers_5()  # VindLU imports what transformers 5 removed (the hf extra)
 allow_mmengine_checkpoints()  # epoch_N.pth / iter_N.pth load with torch >= 2.6's weights_only default
 
 try:
-    import mmaction.models  # noqa: F401,E402  (registers VisionTransformer, ActionDataPreprocessor, ...)
+    import_mmaction_models()  # registers VisionTransformer, ActionDataPreprocessor, ...
 except ImportError as exc:
     raise MissingDependencyError(
         f'layerlock_plugin.adapters.mmaction could not import mmaction2 ({exc}); install the tested versions: '
-        f'pip install "layerlock-plugin[mmaction]"'
+        f"{install_extra('mmaction')}"
     ) from exc
 
 from .hook import LayerLockHook  # noqa: E402

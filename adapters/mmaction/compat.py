@@ -1,4 +1,4 @@
-"""Workaround for the broken mmaction2 1.2.0 wheel on PyPI (narrowly scoped, warns once).
+"""Workarounds for the mmaction2 1.2.0 wheel on PyPI and the stack around it (narrowly scoped, silent).
 
 The wheel lacks the package ``mmaction/models/localizers/drn/`` (upstream open-mmlab/mmaction2
 issue #2714), yet ``mmaction/models/localizers/__init__.py`` runs ``from .drn.drn import DRN``. So
@@ -7,9 +7,15 @@ transform. DRN is a language-grounding localizer that LayerLock never uses.
 
 :func:`install_drn_placeholder` looks for the folder **on disk** (``importlib.util.find_spec`` on the
 subpackage would itself import ``mmaction.models`` and fail) and, only when it is missing, puts two
-placeholder modules into ``sys.modules`` so that the import succeeds. The placeholder ``DRN`` raises
-a clear error if anybody builds it. With mmaction2 installed from source (the folder exists) it does
-nothing and warns nothing.
+placeholder modules into ``sys.modules`` so that the import succeeds. It says nothing (every mmaction2
+command would repeat a warning that nobody can act on); the placeholder ``DRN`` raises a clear error if
+anybody builds it. With mmaction2 installed from source (the folder exists) it does nothing.
+
+:func:`import_mmaction_models` imports ``mmaction.models`` without the two warnings that import prints and
+that a LayerLock user cannot act on (mmcv-lite lacks ``MultiScaleDeformableAttention``, which only
+detection models use; mmaction2's own ``timm.models.layers`` import is deprecated), and with VindLU's
+multimodal models left out when transformers >= 5 is installed (VindLU imports names transformers 5
+removed, which would fail the whole import; mmaction2 then registers its own placeholders for them).
 """
 
 from __future__ import annotations
@@ -20,13 +26,12 @@ import types
 import warnings
 from pathlib import Path
 
-from layerlock_plugin.errors import MissingDependencyError
+from layerlock_plugin.errors import MissingDependencyError, install_extra
 
 #: Where the wheel should have put DRN, relative to the ``mmaction`` package folder.
 DRN_RELATIVE_PATH = Path("models") / "localizers" / "drn" / "drn.py"
 _PACKAGE = "mmaction.models.localizers.drn"
 _MODULE = _PACKAGE + ".drn"
-_warned = False
 
 
 class DRNUnavailable(RuntimeError):
@@ -50,7 +55,7 @@ def mmaction_root() -> Path:
     spec = importlib.util.find_spec("mmaction")  # a top-level spec lookup does not import it
     if spec is None or not spec.submodule_search_locations:
         raise MissingDependencyError(
-            'layerlock_plugin.adapters.mmaction needs mmaction2: pip install "layerlock-plugin[mmaction]"'
+            f"layerlock_plugin.adapters.mmaction needs mmaction2: {install_extra('mmaction')}"
         )
     return Path(list(spec.submodule_search_locations)[0])
 
@@ -63,7 +68,6 @@ def drn_missing(root: Path | None = None) -> bool:
 def install_drn_placeholder() -> bool:
     """Make ``import mmaction.models`` work on the broken wheel. Returns True if a placeholder was
     installed by this call; False when nothing was needed (source install, or already installed)."""
-    global _warned
     if _MODULE in sys.modules or not drn_missing():
         return False
     package = types.ModuleType(_PACKAGE, "layerlock_plugin placeholder for the missing DRN subpackage")
@@ -73,43 +77,33 @@ def install_drn_placeholder() -> bool:
     package.drn = module
     sys.modules[_PACKAGE] = package
     sys.modules[_MODULE] = module
-    if not _warned:
-        _warned = True
-        warnings.warn(
-            "layerlock_plugin: the installed mmaction2 lacks mmaction/models/localizers/drn "
-            "(the PyPI 1.2.0 wheel, open-mmlab/mmaction2#2714); installed a placeholder for the DRN "
-            "localizer so that mmaction.models imports. Everything else in mmaction2 is unaffected; "
-            "building DRN raises an error. Install mmaction2 from source to silence this.",
-            stacklevel=2,
-        )
     return True
 
 
-# -- mmaction2 1.2.0's VindLU models under transformers 5 ------------------------------------------------
-# mmaction2 imports its VindLU video-text models (mmaction.models.multimodal) whenever transformers >= 4.28
-# is installed (mmaction.utils.dependency.WITH_MULTIMODAL), and their modeling_bert.py imports
-# `apply_chunking_to_forward` from transformers.modeling_utils, which transformers 5 removed: with the hf
-# extra installed, `import mmaction.models` fails. LayerLock never uses VindLU.
+#: Warnings ``import mmaction.models`` prints that a LayerLock user cannot act on (see the module docstring).
+_IMPORT_NOISE = (r"Fail to import ``MultiScaleDeformableAttention``", r"Importing from timm\.models\.layers is deprecated")
 
 
-def skip_vindlu_under_transformers_5() -> bool:
-    """With transformers >= 5 installed and ``mmaction.models`` not imported yet, register mmaction2's own
-    placeholders for the VindLU models instead of importing them (building one raises mmaction2's ImportError);
-    returns True when it did. Reads the installed version without importing transformers."""
-    import importlib.metadata
+def _transformers_major() -> int | None:
+    from importlib import metadata
 
-    if "mmaction.models" in sys.modules:
-        return False
     try:
-        major = int(importlib.metadata.version("transformers").split(".")[0])
-    except (importlib.metadata.PackageNotFoundError, ValueError):
-        return False
-    if major < 5:
-        return False
-    from mmaction.utils import dependency
+        return int(metadata.version("transformers").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
 
-    dependency.WITH_MULTIMODAL = False
-    return True
+
+def import_mmaction_models() -> None:
+    """``import mmaction.models`` (registers every mmaction2 model, dataset and transform) without the
+    noise and the transformers-5 failure described in the module docstring."""
+    import mmaction.utils.dependency as dependency
+
+    if (_transformers_major() or 0) >= 5:
+        dependency.WITH_MULTIMODAL = False  # read by mmaction/models/multimodal/__init__ at its import
+    with warnings.catch_warnings():
+        for message in _IMPORT_NOISE:
+            warnings.filterwarnings("ignore", message=message)
+        import mmaction.models  # noqa: F401
 
 
 # -- mmengine 0.10.7 checkpoints under torch >= 2.6 ------------------------------------------------------

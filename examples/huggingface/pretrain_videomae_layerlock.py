@@ -1,6 +1,6 @@
 """VideoMAE pretraining with LayerLock under the Hugging Face Trainer: a ``run_mae``-style script.
 
-    pip install "layerlock-plugin[hf]"
+    pip install -e ".[hf]"
     python examples/huggingface/pretrain_videomae_layerlock.py                          # LayerLock, ~1 min on CPU
     python examples/huggingface/pretrain_videomae_layerlock.py --method mae             # VideoMAE's own pixel target
     python examples/huggingface/pretrain_videomae_layerlock.py --stop-at 120            # stop at step 120 ...

@@ -7,19 +7,40 @@ first 1400 images (without labels); the probe is fitted on their features and te
 
 from __future__ import annotations
 
-import numpy as np
-import timm
-import torch
-import torch.nn.functional as F
-from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
-from sklearn.datasets import load_digits
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+import logging
+import sys
+import warnings
+from pathlib import Path
 
-from layerlock_plugin.controller import LayerLockConfig
-from layerlock_plugin.schedule import ScheduleConfig
-from layerlock_plugin.warmup import WarmupConfig
+from layerlock_plugin.errors import MissingDependencyError
+
+
+def require_adapter(module: str):
+    """Import a LayerLock adapter; without its host framework, exit with the adapter's one-line error
+    (it names the pip extra to install) instead of a traceback."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"layerlock_plugin.adapters.{module}")
+    except MissingDependencyError as e:
+        sys.exit(f"{Path(sys.argv[0]).name}: {e}")
+
+
+LayerLockMAE = require_adapter("lightly_mae").LayerLockMAE  # before anything imports lightly itself
+
+import numpy as np  # noqa: E402
+import timm  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import StandardScaler  # noqa: E402
+
+from layerlock_plugin.controller import LayerLockConfig  # noqa: E402
+from layerlock_plugin.schedule import ScheduleConfig  # noqa: E402
+from layerlock_plugin.warmup import WarmupConfig  # noqa: E402
 
 IMG, PATCH, DEPTH, DIM, HEADS = 32, 4, 6, 96, 3
 N_TRAIN = 1400
@@ -90,3 +111,19 @@ def example_args(description: str, **extra: str):
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     return args
+
+
+class _NoCloudTips(logging.Filter):
+    """Lightning's "💡 Tip: ... cloud ..." lines advertise hosted services; nothing in this example needs them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "💡 Tip" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Silence what a user of this example cannot act on: Lightning's cloud tips and its own internal
+    deprecation of ``LeafSpec`` (lightning's code, not the example's). Lightning's other messages stay."""
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+                 "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_NoCloudTips())
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

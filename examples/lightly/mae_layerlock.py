@@ -13,8 +13,7 @@ import time
 
 import torch
 
-from common import N_TRAIN, build_backbone_and_decoder, digits, example_args, layerlock_config, probe
-from layerlock_plugin.adapters.lightly_mae import LayerLockMAE
+from common import LayerLockMAE, N_TRAIN, build_backbone_and_decoder, digits, example_args, layerlock_config, probe
 
 
 def pretrain(method: str, steps: int, batch_size: int, seed: int, images: torch.Tensor) -> LayerLockMAE:

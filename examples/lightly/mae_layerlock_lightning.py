@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import time
 
-import pytorch_lightning as pl
-import torch
-from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from common import (LayerLockMAE, N_TRAIN, build_backbone_and_decoder, digits, example_args, layerlock_config, probe,
+                    quiet_lightning, require_adapter)
 
-from common import N_TRAIN, build_backbone_and_decoder, digits, example_args, layerlock_config, probe
-from layerlock_plugin.adapters.lightly_mae import LayerLockMAE
-from layerlock_plugin.adapters.lightning import LayerLockCallback
+LayerLockCallback = require_adapter("lightning").LayerLockCallback
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset  # noqa: E402
 
 
 class MAE(pl.LightningModule):
@@ -41,7 +42,8 @@ class MAE(pl.LightningModule):
 
 
 def main() -> None:
-    args = example_args(__doc__.splitlines()[0], out="runs/lightly_lightning")
+    args = example_args(__doc__.splitlines()[0], out="runs/lightly_lightning")  # everything goes under --out
+    quiet_lightning()
     images, labels = digits()
     results = {}
     for method in args.methods:

@@ -1,8 +1,8 @@
 # Fine-tune the tiny LayerLock backbone with mmaction2's stock VideoMAE config (CPU, a few seconds).
 #
-#   python -m layerlock_plugin.adapters.mmaction.convert work_dirs/layerlock_tiny/iter_12.pth backbone.pth
-#   python $TOOLS/train.py examples/mmaction2/finetune_vit-tiny_cpu.py --work-dir work_dirs/finetune_tiny
-#   python $TOOLS/test.py examples/mmaction2/finetune_vit-tiny_cpu.py work_dirs/finetune_tiny/epoch_1.pth
+#   python -m layerlock_plugin.adapters.mmaction.convert $LAYERLOCK_RUN/pretrain/iter_12.pth $LAYERLOCK_RUN/backbone.pth
+#   python $TOOLS/train.py examples/mmaction2/finetune_vit-tiny_cpu.py      # -> $LAYERLOCK_RUN/finetune
+#   python $TOOLS/test.py examples/mmaction2/finetune_vit-tiny_cpu.py $LAYERLOCK_RUN/finetune/epoch_1.pth
 #
 # The stock config brings the model (Recognizer3D: mmaction2's VisionTransformer + TimeSformerHead) and
 # the test pipeline; this file shrinks the ViT to the tiny pretraining run's size and adds what the stock
@@ -12,9 +12,11 @@ _base_ = ['mmaction::recognition/videomae/vit-base-p16_videomae-k400-pre_16x4x1_
 # localizer) and lets torch >= 2.6 load the epoch_N.pth checkpoints this run writes (tools/test.py).
 custom_imports = dict(imports=['layerlock_plugin.adapters.mmaction'], allow_failed_imports=False)
 
-data_root = 'data/layerlock_tiny'
+run_dir = '{{$LAYERLOCK_RUN:runs/mmaction2_tiny}}'  # the pretraining example's folder (environment variable)
+data_root = f'{run_dir}/data'
+work_dir = f'{run_dir}/finetune'  # --work-dir overrides it
 clip_len, img_size = 8, 32
-load_from = 'backbone.pth'  # the converted LayerLock backbone (only the classification head is missing)
+load_from = f'{run_dir}/backbone.pth'  # the converted LayerLock backbone (only the classification head is missing)
 
 model = dict(backbone=dict(img_size=img_size, embed_dims=64, depth=4, num_heads=4, num_frames=clip_len),
              cls_head=dict(in_channels=64, num_classes=2))

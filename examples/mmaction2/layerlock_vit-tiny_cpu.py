@@ -1,15 +1,18 @@
 # LayerLock pretraining of a tiny mmaction2 VisionTransformer on a few generated mp4 clips (CPU, ~1 min).
 #
-#   python examples/mmaction2/make_tiny_clips.py --out data/layerlock_tiny
+#   export LAYERLOCK_RUN=runs/mmaction2_tiny    # the one folder this example writes into (this is the default)
+#   python examples/mmaction2/make_tiny_clips.py                           # -> $LAYERLOCK_RUN/data
 #   python $(python -c "import mmaction, os; print(os.path.dirname(mmaction.__file__))")/.mim/tools/train.py \
-#       examples/mmaction2/layerlock_vit-tiny_cpu.py --work-dir work_dirs/layerlock_tiny
+#       examples/mmaction2/layerlock_vit-tiny_cpu.py                      # -> $LAYERLOCK_RUN/pretrain
 #
 # Schedule (0-based iterations): pixels for 0-3, freeze stem + block 1 and switch the target to its
 # output at 4, freeze block 2 and switch at 7; a 3-iteration LR warmup after each switch; 12 iterations.
 custom_imports = dict(imports=['layerlock_plugin.adapters.mmaction'], allow_failed_imports=False)
 default_scope = 'mmaction'
 
-data_root = 'data/layerlock_tiny'
+run_dir = '{{$LAYERLOCK_RUN:runs/mmaction2_tiny}}'  # mmengine substitutes the environment variable
+data_root = f'{run_dir}/data'
+work_dir = f'{run_dir}/pretrain'  # --work-dir overrides it
 clip_len, img_size = 8, 32
 
 model = dict(

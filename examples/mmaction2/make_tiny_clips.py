@@ -1,6 +1,6 @@
 """Write a handful of short mp4 clips (OpenCV, 'mp4v') and an annotation list for the tiny config.
 
-    python examples/mmaction2/make_tiny_clips.py --out data/layerlock_tiny
+    python examples/mmaction2/make_tiny_clips.py        # into $LAYERLOCK_RUN/data (default runs/mmaction2_tiny/data)
 
 Each clip is a bright square moving over a textured background (direction and colour differ per
 clip), so that the tiny pretraining has something to predict. Writes ``<out>/videos/clip_XX.mp4`` and
@@ -11,6 +11,7 @@ clip), so that the tiny pretraining has something to predict. Writes ``<out>/vid
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,8 @@ def write_clips(out: str | Path, num_clips: int = 4, num_frames: int = 24, size:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="data/layerlock_tiny", help="output folder (default: %(default)s)")
+    run = os.environ.get("LAYERLOCK_RUN", "runs/mmaction2_tiny")  # the example configs read the same variable
+    parser.add_argument("--out", default=f"{run}/data", help="output folder (default: $LAYERLOCK_RUN/data = %(default)s)")
     parser.add_argument("--num-clips", type=int, default=4)
     parser.add_argument("--num-frames", type=int, default=24)
     args = parser.parse_args()

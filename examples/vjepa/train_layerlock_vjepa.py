@@ -1,6 +1,6 @@
 """LayerLock on the official V-JEPA modules: V-JEPA's train step with the changed lines marked.
 
-    pip install "layerlock-plugin[vjepa]" && pip install --no-deps vjepa==0.1.2
+    pip install -e ".[vjepa]" && pip install --no-deps vjepa==0.1.2
     python examples/vjepa/train_layerlock_vjepa.py --steps 60                    # LayerLock-V-JEPA
     python examples/vjepa/train_layerlock_vjepa.py --steps 60 --method vjepa     # V-JEPA's own step (baseline)
     torchrun --nproc_per_node 2 examples/vjepa/train_layerlock_vjepa.py --steps 60   # DDP (gloo on CPU)

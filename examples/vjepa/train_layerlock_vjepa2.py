@@ -1,6 +1,6 @@
 """LayerLock on V-JEPA 2's modules: V-JEPA 2's train step (``app/vjepa/train.py``) with the changed lines marked.
 
-    pip install "layerlock-plugin[vjepa]"          # brings cc-vjepa2: V-JEPA 2's src/ as the package vjepa2
+    pip install -e ".[vjepa]"          # brings cc-vjepa2: V-JEPA 2's src/ as the package vjepa2
     python examples/vjepa/train_layerlock_vjepa2.py --steps 60                      # LayerLock-V-JEPA 2
     python examples/vjepa/train_layerlock_vjepa2.py --steps 60 --method vjepa2      # V-JEPA 2's own step
     torchrun --nproc_per_node 2 examples/vjepa/train_layerlock_vjepa2.py --steps 60  # DDP (gloo on CPU)

@@ -27,7 +27,8 @@ Several processes (torchrun; ``train.batch_size`` is the GLOBAL batch of one opt
         --nproc_per_node=8 --rdzv_backend=c10d --rdzv_id=$SLURM_JOB_ID \
         --rdzv_endpoint=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1):29500 \
         -m layerlock_plugin.reference.cli --config vit_g --set train.strategy=fsdp --out runs/vit_g'
-    # resume: the same command with --resume runs/vit_g (loads runs/vit_g/dcp/latest)
+    # resume: the same command with --resume runs/vit_g (loads runs/vit_g/dcp/latest); on one node, e.g.
+    torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli --resume runs/ddp
 
 The trainer it runs: :mod:`layerlock_plugin.reference.train.trainer`.
 """
@@ -35,6 +36,8 @@ The trainer it runs: :mod:`layerlock_plugin.reference.train.trainer`.
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 import time
 import warnings
@@ -49,6 +52,7 @@ from .train.run_folder import RunFolder, default_run_dir, resume_source
 from .train.stop import StopRequest
 
 PROG = "layerlock-train"
+MODULE = "layerlock_plugin.reference.cli"  # torchrun -m MODULE: the launch form that needs no console script
 EPILOG = """examples:
   layerlock-train --out runs/demo                  # main job: tiny LayerLock run on the embedded digits videos
   layerlock-train --method mae --out runs/mae      # the pixel-MAE baseline, same budget
@@ -59,6 +63,7 @@ EPILOG = """examples:
   layerlock-train --resume runs/demo --extend 3000 # train a finished run longer (prints the new LR curve)
   layerlock-train --config vit_g --dry-run --world-size 256 --set train.strategy=fsdp   # size, FLOPs, memory
   torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli --set train.strategy=ddp  # or fsdp
+  torchrun --standalone --nproc_per_node=2 -m layerlock_plugin.reference.cli --resume runs/ddp   # continue it
 packaged configs: tiny (default), vit_b, vit_l, vit_g, vit_4ds_e
 methods: layerlock | mae | freeze-only | latent-naive (the collapse control)"""
 
@@ -127,7 +132,13 @@ def _names_out_dir(args: argparse.Namespace) -> bool:
     return _named_out_dir(args) is not None
 
 
-def resolve_auto_resume(args: argparse.Namespace, echo=print) -> str | None:
+def _rank0_print(*a, **kw) -> None:
+    """``print`` on rank 0 of a torchrun job (and in a plain process): every rank runs the CLI."""
+    if os.environ.get("RANK", "0") == "0":
+        print(*a, **kw)
+
+
+def resolve_auto_resume(args: argparse.Namespace, echo=_rank0_print) -> str | None:
     """``--resume auto``: resume ``--out DIR`` from its newest complete checkpoint, or start it fresh when it
     has none (a run stopped before its first checkpoint is replaced; files that are not a run's are still
     refused). The config is the command line's (a requeued job repeats its command), checked against the
@@ -240,15 +251,59 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
 
 
+def continue_command(out_dir: str | Path, world_size: int = 1, local_world_size: int | None = None) -> str:
+    """The command that continues a stopped run in ``out_dir``: the same launcher it ran under (one
+    process: the console script; a torchrun job on one node: torchrun with as many processes)."""
+    folder = shlex.quote(str(out_dir))
+    if world_size <= 1:
+        return f"{PROG} --resume {folder}"
+    local = local_world_size or world_size
+    if world_size > local:  # several nodes: the launch line holds the rendezvous, which only the user knows
+        return (f"the job's torchrun command on each of its {world_size // local} nodes with --resume {folder} "
+                f"(the module form: torchrun ... -m {MODULE} --resume {folder})")
+    return f"torchrun --standalone --nproc_per_node={world_size} -m {MODULE} --resume {folder}"
+
+
+def _in_process_group() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def check_resume(args: argparse.Namespace, config, auto: bool = False) -> bool:
+    """Everything that can refuse a resume, from the checkpoint's step and config alone, before the trainer,
+    the model or the data exist (a refusal takes the seconds of reading a checkpoint): the run folder rules,
+    a folder whose config.yaml and checkpoint belong to different runs (checked first: it is the real
+    problem when anything else differs too), another config, a ddp / fsdp run outside torchrun, the budget
+    and ``--stop-after``. Returns True when ``--resume auto`` finds the run finished (nothing to do)."""
+    from .train import budget
+    from .train.checkpointing import check_folder_holds_one_run
+    from .train.run_folder import plan_folder
+
+    plan_folder(Path(config.out_dir), args.resume, args.overwrite)
+    checkpoint, run_dir = resume_source(args.resume)
+    step, saved, world_size = checkpoint_progress(checkpoint)
+    if run_dir is not None:
+        check_folder_holds_one_run(run_dir, saved, checkpoint)
+    check_same_config(saved, config.to_dict(), checkpoint)  # also for a finished run
+    if auto and step >= config.train.steps and saved["train"]["steps"] == config.train.steps:
+        _rank0_print(f"{PROG}: --resume auto: {config.out_dir} finished at step {step}; nothing to do")
+        return True
+    if config.train.strategy in ("ddp", "fsdp") and "WORLD_SIZE" not in os.environ and not _in_process_group():
+        raise ConfigError("--resume", f"{args.resume} is a {config.train.strategy} run of {world_size} processes: "
+                                      f"continue it under torchrun, e.g. `{continue_command(args.resume, world_size)}`")
+    budget.check_resume_budget(config.train.steps, step, int(saved["train"]["steps"]), args.extend is not None,
+                               config.optim)
+    budget.check_stop_after(args.stop_after, step, config.train.steps)
+    return False
+
+
 def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
     auto = resolve_auto_resume(args)
     _check_flags(args)
     config = resolve_config(args)
-    if auto == "resume":
-        step, saved = checkpoint_progress(Path(config.out_dir))
-        check_same_config(saved, config.to_dict(), Path(config.out_dir))  # also for a finished run
-        if step >= config.train.steps and saved["train"]["steps"] == config.train.steps:
-            print(f"{PROG}: --resume auto: {config.out_dir} finished at step {step}; nothing to do")
+    if args.resume and (auto == "resume" or not (args.print_config or args.dry_run)):
+        if check_resume(args, config, auto == "resume"):
             return 0
     if args.print_config:
         dump_config(config, "/dev/stdout")
@@ -293,8 +348,9 @@ def _run(args: argparse.Namespace, package_warnings: _PackageWarnings) -> int:
         return code
     if "stopped_at" in summary:
         why = f"by {trainer.stop.signal_name}" if summary["interrupted"] else "as asked (--stop-after)"
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", trainer.env.world_size))
         print(f"stopped after step {summary['stopped_at']} {why}; checkpoint written. Continue with: "
-              f"{PROG} --resume {config.out_dir}")
+              f"{continue_command(config.out_dir, trainer.env.world_size if trainer.env.distributed else 1, local)}")
         return code
     wall = time.perf_counter() - started
     print(f"done in {wall:.0f} s (training {summary['train_seconds']:.0f} s). Run folder: {config.out_dir}")

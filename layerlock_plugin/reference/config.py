@@ -65,7 +65,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class WandbConfig:
     """Weights & Biases logging (rank 0), off unless ``project`` is set; ``mode: offline`` needs no network
-    (``wandb sync`` uploads later). Needs ``pip install "layerlock-plugin[wandb]"``."""
+    (``wandb sync`` uploads later). Needs the ``wandb`` extra (``pip install -e ".[wandb]"``)."""
 
     project: str | None = None
     mode: str = "online"  # online | offline

@@ -139,24 +139,25 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
     readout = {name: sum(p.numel() for p in r.parameters()) for name, r in model.readouts.items()}
     mae = step_flops(m, 0, [], cfg.target.loss_fraction)["total"]
 
-    echo(f"dry run: {cfg.method} on {m.depth} blocks (encoder {enc}, decoder {m.decoder_depth}), width "
-         f"{m.embed_dim}, {m.num_frames}x{m.img_size}x{m.img_size} clips -> N={tok.n} tokens, V={tok.v} visible, "
-         f"Q={tok.q} queries" + (f"; latent target pass over {tok.target_context(cfg.target.context)} tokens "
-                                 f"(target.context={cfg.target.context})" if ll.config.target.kind == "latent" else ""))
-    echo(f"parameters: {params:,} ({params / 1e9:.3f} B) built on the meta device (nothing allocated)")
-    echo(f"global batch {cfg.train.batch_size} = {world_size} processes x {cfg.train.grad_accum} micro-steps x "
-         f"{micro} clips; strategy {cfg.train.strategy}; {'bf16' if bf16 else 'fp32'} activations")
+    header = [
+        f"dry run: {cfg.method} on {m.depth} blocks (encoder {enc}, decoder {m.decoder_depth}), width "
+        f"{m.embed_dim}, {m.num_frames}x{m.img_size}x{m.img_size} clips -> N={tok.n} tokens, V={tok.v} visible, "
+        f"Q={tok.q} queries" + (f"; latent target pass over {tok.target_context(cfg.target.context)} tokens "
+                                f"(target.context={cfg.target.context})" if ll.config.target.kind == "latent" else ""),
+        f"parameters: {params:,} ({params / 1e9:.3f} B) built on the meta device (nothing allocated)",
+        f"global batch {cfg.train.batch_size} = {world_size} processes x {cfg.train.grad_accum} micro-steps x "
+        f"{micro} clips; strategy {cfg.train.strategy}; {'bf16' if bf16 else 'fp32'} activations"]
     if adaptive and ll.config.freeze:
         # when to freeze is decided during training; cost each depth the schedule may reach instead
         max_frozen = cfg.schedule.resolve_max_frozen(enc)
-        echo(f"freeze timeline: decided during training (adaptive schedule, up to {max_frozen} blocks); "
-             f"one row per frozen depth it may reach")
+        header.append(f"freeze timeline: decided during training (adaptive schedule, up to {max_frozen} blocks); "
+                      f"one row per frozen depth it may reach")
         events = [(cfg.train.steps + d, d) for d in range(1, max_frozen + 1)]
     elif events:
-        echo(f"freeze timeline: pixel target for steps 0..{events[0][0] - 1}; first freeze at step {events[0][0]}; "
-             f"{events[-1][1]} blocks frozen at step {events[-1][0]} ({len(events)} events)")
+        header.append(f"freeze timeline: pixel target for steps 0..{events[0][0] - 1}; first freeze at step "
+                      f"{events[0][0]}; {events[-1][1]} blocks frozen at step {events[-1][0]} ({len(events)} events)")
     else:
-        echo("freeze timeline: no freezing (method " + cfg.method + ")")
+        header.append("freeze timeline: no freezing (method " + cfg.method + ")")
 
     # phases: the pixel phase, then one per event (same cost until the next one)
     starts = [0] + [s for s, _ in events]
@@ -178,6 +179,25 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
                        "flops_per_clip": fl, "flops_per_step": fl["total"] * cfg.train.batch_size,
                        "vs_mae_step": fl["total"] / mae, "student_vs_mae": fl["student"] / mae,
                        "memory_per_device": mem})
+    span = lambda p: max(0, p["steps"][1] - p["steps"][0])  # noqa: E731
+    total = sum(span(p) * p["flops_per_step"] for p in phases)
+    student = sum(span(p) * p["flops_per_clip"]["student"] * cfg.train.batch_size for p in phases)
+    mae_total = mae * cfg.train.batch_size * cfg.train.steps
+
+    # what the user pays, first: the whole run against the same run as MAE (and against MAE's usual
+    # every-masked-patch loss when the config queries a subset)
+    if adaptive:
+        echo("cost: decided during training (adaptive schedule): the per-depth step costs against MAE are below")
+    else:
+        echo(f"cost: the whole run is {total / mae_total:.3f}x the FLOPs of the same run as MAE (--method mae): "
+             f"the student {student / mae_total:.3f}x (freezing saves {1 - student / mae_total:.1%}), the latent "
+             f"targets {(total - student) / mae_total:+.1%}")
+        if cfg.target.loss_fraction < 1.0:
+            every = step_flops(m, 0, [], 1.0)["total"] * cfg.train.batch_size * cfg.train.steps
+            echo(f"      and {total / every:.3f}x an MAE run with a loss on every masked patch (this config queries "
+                 f"target.loss_fraction={cfg.target.loss_fraction:g} of them, target.context={cfg.target.context})")
+    for line in header:
+        echo(line)
     echo(f"{'steps':>21} {'frozen':>6} {'target':>9} {'step FLOPs':>12} {'vs MAE':>7} {'student':>8} "
          f"{'mem/device':>11} (weights+grads+optim+activations, estimate)")
     for ph in phases:
@@ -188,10 +208,6 @@ def dry_run(config: Any, world_size: int = 1, echo: Callable[[str], None] = prin
              f"{_fmt(ph['flops_per_step'], 'F'):>12} {ph['vs_mae_step']:>7.3f} {ph['student_vs_mae']:>8.3f} "
              f"{_fmt(mem['total'], 'B'):>11} ({_fmt(mem['weights'], 'B')}+{_fmt(mem['grads'], 'B')}+"
              f"{_fmt(mem['optimizer'], 'B')}+{_fmt(mem['activations'], 'B')})")
-    span = lambda p: max(0, p["steps"][1] - p["steps"][0])  # noqa: E731
-    total = sum(span(p) * p["flops_per_step"] for p in phases)
-    student = sum(span(p) * p["flops_per_clip"]["student"] * cfg.train.batch_size for p in phases)
-    mae_total = mae * cfg.train.batch_size * cfg.train.steps
     if adaptive:
         return {"params": params, "events": [], "phases": phases, "world_size": world_size}
     echo(f"whole run ({cfg.train.steps} steps): {_fmt(total, 'FLOPs')}; the student alone is {student / mae_total:.3f} "

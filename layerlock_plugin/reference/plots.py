@@ -1,25 +1,24 @@
-"""PNG plots of a LayerLock run: loss with freeze events, the freezing schedule, collapse statistics,
-and the adaptive schedule's per-block signals with its decided events next to an explicit schedule
-(:func:`write_run_plots` draws every figure of a finished run).
+"""PNG plots of a LayerLock run: loss with freeze events, the freezing schedule with the LR, collapse
+statistics, and the adaptive schedule's per-block signals with its decided events next to an explicit
+schedule (:func:`write_run_plots` draws every figure of a finished run).
 
-Figures are drawn with matplotlib's Agg canvas directly (``matplotlib.figure.Figure`` +
-``FigureCanvasAgg``): nothing needs a display, pyplot's global state and the user's backend are
-left alone, and no figure stays registered after a call returns. Every function creates the
-parent directory of ``path`` and returns ``path`` as a :class:`pathlib.Path`.
+Every function creates the parent directory of ``path`` and returns ``path`` as a :class:`pathlib.Path`;
+the shared pieces (an Agg figure outside pyplot, event and resume marks) are in :mod:`.plot_kit`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+from .plot_kit import (_figure, _layer_name, _no_data, _number, _save, _series, _smoothing_window, log_spacing,
+                       mark_events, mark_sessions, running_mean)
 
 if TYPE_CHECKING:
+    from ..collapse import GuardConfig
     from ..controller import LayerLock
     from .config import RunConfig
 
@@ -27,68 +26,38 @@ __all__ = ["plot_loss", "plot_schedule", "plot_collapse_stats", "plot_adaptive_s
            "write_run_plots", "COLLAPSE_KEYS", "ADAPTIVE_KEYS"]
 
 COLLAPSE_KEYS = ("layerlock/feature_std", "layerlock/effective_rank", "layerlock/relative_loss")
+#: What each statistic is, for its panel (the definitions: :mod:`layerlock_plugin.collapse`).
+COLLAPSE_MEANING = {
+    "layerlock/feature_std": "spread of the target features over tokens / their RMS: 1 varied, 0 all tokens alike",
+    "layerlock/effective_rank": "effective rank / min(tokens, channels): 1 isotropic, 0 one direction",
+    "layerlock/relative_loss": "latent loss / target variance: 1 = no better than predicting the mean",
+}
+#: The guard's thresholds (trip if below, ``patience`` checks in a row), by statistic.
+GUARD_THRESHOLDS = {"layerlock/feature_std": "min_feature_std", "layerlock/effective_rank": "min_effective_rank"}
 
 
-def _figure(width: float = 8.0, height: float = 4.5) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
+def _segments_by_target(steps: np.ndarray, vals: np.ndarray, events: Sequence[Mapping[str, Any]],
+                        window: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """``(x, y)`` smoothed within each target's stretch (running mean of ``window`` rows) with a NaN gap at
+    every target switch, so one line never joins (or averages) two targets' losses."""
+    cuts = sorted(float(e["step"]) for e in events if _number(e.get("step")) is not None and not e.get("resumed"))
+    # a row at step c logs the steps up to c, all before the switch at c
+    bounds = [0, *(int(np.searchsorted(steps, c, side="right")) for c in cuts), len(steps)]
+    xs, ys = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        if hi > lo:
+            xs += [*steps[lo:hi], np.nan]
+            ys += [*running_mean(vals[lo:hi], window), np.nan]
+    return np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    fig.clear()
-    return path
-
-
-def _number(x: Any) -> float | None:
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None
-
-
-def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
-    """(steps, values) of the rows that have a finite ``key`` and ``step``, sorted by step."""
-    pts = []
+def _one_head_per_row(rows: Sequence[Mapping[str, Any]]) -> bool:
+    """Every row's ``loss`` is its only head's loss (one target at a time): the total adds no curve."""
     for r in rows:
-        s, y = _number(r.get("step")), _number(r.get(key))
-        if s is not None and y is not None:
-            pts.append((s, y))
-    pts.sort(key=lambda p: p[0])
-    if not pts:
-        return np.zeros(0), np.zeros(0)
-    arr = np.asarray(pts, dtype=float)
-    return arr[:, 0], arr[:, 1]
-
-
-def running_mean(y: np.ndarray, window: int) -> np.ndarray:
-    """Trailing running mean (shorter windows at the start), same length as ``y``."""
-    y = np.asarray(y, dtype=float)
-    if window <= 1 or y.size == 0:
-        return y.copy()
-    c = np.cumsum(np.insert(y, 0, 0.0))
-    idx = np.arange(1, y.size + 1)
-    lo = np.maximum(0, idx - window)
-    return (c[idx] - c[lo]) / (idx - lo)
-
-
-def _smoothing_window(n: int) -> int:
-    return max(1, n // 50) if n > 20 else 1
-
-
-def _layer_name(layer: Any) -> str:
-    return "pixels" if layer == 0 else f"h_{layer}"
-
-
-def _no_data(ax: Any, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="gray")
+        heads = [v for k, v in r.items() if str(k).startswith("loss/")]
+        if "loss" in r and (len(heads) != 1 or abs(float(r["loss"]) - float(heads[0])) > 1e-9 * abs(float(r["loss"]))):
+            return False
+    return True
 
 
 def plot_loss(
@@ -96,58 +65,53 @@ def plot_loss(
     events: Sequence[Mapping[str, Any]],
     path: str | Path,
     title: str | None = None,
+    sessions: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
-    """Training loss vs step (log y), with a vertical line per freeze / target-switch event.
+    """Training loss vs step (log y), with the freeze / target-switch events and the resume / extension
+    points (``sessions``: ``sessions.jsonl`` rows) marked.
 
-    ``rows``: dicts with ``step`` and ``loss``; any other key starting with ``loss`` (e.g.
-    ``loss_pixels``, ``loss_latent``) is drawn as an extra curve. Long or noisy curves are smoothed
-    by a running mean, the raw values stay visible faintly. ``events``: dicts with ``step``,
-    ``num_frozen`` and ``target_layer``; each is annotated ``freeze k / target h_k``.
+    ``rows``: dicts with ``step`` and ``loss``; any other key starting with ``loss`` (``loss/pixels``,
+    ``loss/layer_k``) is drawn as its own curve. ``loss`` is the loss the step optimised: the current
+    target's (mean over heads with several targets), so its scale changes at every target switch; it is
+    drawn with a gap at each switch. Noisy curves are smoothed by a running mean over log rows (the raw
+    values stay visible faintly). ``events``: dicts with ``step``, ``num_frozen`` and ``target_layer``.
     """
-    fig = _figure()
+    fig = _figure(8.0, 4.8)
     ax = fig.add_subplot(1, 1, 1)
-    keys = ["loss"] + sorted({k for r in rows for k in r if k != "loss" and str(k).startswith("loss")})
-    colors = ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9"]
-    all_positive, drawn = True, False
+    heads = sorted({k for r in rows for k in r if k != "loss" and str(k).startswith("loss")})
+    # with one target at a time the total is the current head's loss: drawn once, as that head's curve
+    keys = heads if heads and _one_head_per_row(rows) else ["loss", *heads]
+    colors = ["C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9", "C0"]
+    all_positive, drawn, smoothed = True, False, ""
+    window = _smoothing_window(len(rows))  # one window for every curve, so the note below holds for all
     for i, key in enumerate(keys):
         steps, vals = _series(rows, key)
         if steps.size == 0:
             continue
         drawn = True
         all_positive &= bool(np.all(vals > 0))
-        color = colors[i % len(colors)]
-        window = _smoothing_window(steps.size)
-        if window > 1:
-            ax.plot(steps, vals, color=color, alpha=0.25, linewidth=0.8)
-            ax.plot(steps, running_mean(vals, window), color=color, linewidth=1.6, label=f"{key} (mean of {window})")
+        if key == "loss":  # the mean over the heads trained at once: a gap at each switch (the scales differ)
+            color, label = "black", "loss (mean over the targets trained at once)"
+            (x, curve), (raw_x, raw_y) = (_segments_by_target(steps, vals, events, w) for w in (window, 1))
         else:
-            ax.plot(steps, vals, color=color, linewidth=1.6, marker="." if steps.size < 50 else None, label=key)
+            color, label = colors[i % len(colors)], key
+            x, curve, raw_x, raw_y = steps, running_mean(vals, window), steps, vals
+        if window > 1:
+            ax.plot(raw_x, raw_y, color=color, alpha=0.2, linewidth=0.8)
+            smoothed = (f"curves: running mean of {window} log rows ({window * log_spacing(_series(rows, 'loss')[0])} "
+                        "steps), raw faint")
+        ax.plot(x, curve, color=color, linewidth=1.6, label=label, marker="." if steps.size < 50 else None)
     if drawn and all_positive:
         ax.set_yscale("log")
     if not drawn:
         _no_data(ax, "no loss values")
-    for ev in events:
-        s = _number(ev.get("step"))
-        if s is None:
-            continue
-        ax.axvline(s, color="gray", linestyle="--", linewidth=0.8, alpha=0.8)
-        label = f"freeze {ev.get('num_frozen', '?')} / target {_layer_name(ev.get('target_layer', '?'))}"
-        ax.annotate(
-            label,
-            xy=(s, 1.0),
-            xycoords=("data", "axes fraction"),
-            xytext=(2, -4),
-            textcoords="offset points",
-            rotation=90,
-            va="top",
-            ha="left",
-            fontsize=7,
-            color="dimgray",
-        )
+    mark_events(ax, events)
+    mark_sessions(ax, sessions)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    if title:
-        ax.set_title(title)
+    note = ("one curve per target, each on its own scale: a jump at a switch is a new target, not divergence"
+            if any(not e.get("resumed") for e in events) else "")
+    ax.set_title("\n".join(t for t in (title, note, smoothed) if t), fontsize=9, pad=26 if events else 6)
     if drawn:
         ax.legend(loc="upper right", fontsize=8)
     ax.grid(True, which="both", alpha=0.2)
@@ -160,8 +124,12 @@ def plot_schedule(
     target_layer: Sequence[int],
     path: str | Path,
     total_steps: int | None = None,
+    lr: tuple[Sequence[float], Sequence[float]] | None = None,
+    sessions: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
-    """Step plot of the number of frozen blocks and the target layer (0 = pixels) vs step.
+    """The plan over the run: frozen blocks vs step (a step function), each stretch labelled with its
+    target (0 = ``pixels``, k = ``layer_k``), and, with ``lr = (steps, values)``, the LR the optimizer
+    applied (cosine schedule times the switch warmup) below it.
 
     Each value holds from its step until the next one (and until ``total_steps`` for the last one
     when given).
@@ -171,56 +139,96 @@ def plot_schedule(
             f"steps, num_frozen and target_layer must have equal lengths, got "
             f"{len(steps)}, {len(num_frozen)}, {len(target_layer)}"
         )
-    fig = _figure(8.0, 4.5)
-    ax_frozen = fig.add_subplot(2, 1, 1)
-    ax_target = fig.add_subplot(2, 1, 2, sharex=ax_frozen)
+    fig = _figure(8.0, 5.2 if lr is not None else 3.4)
+    ax = fig.add_subplot(2, 1, 1) if lr is not None else fig.add_subplot(1, 1, 1)
     order = np.argsort(np.asarray(steps, dtype=float), kind="stable")
     x = np.asarray(steps, dtype=float)[order]
     nf = np.asarray(num_frozen, dtype=float)[order]
     tl = np.asarray(target_layer, dtype=float)[order]
-    if total_steps is not None and x.size and total_steps > x[-1]:
-        x, nf, tl = np.append(x, total_steps), np.append(nf, nf[-1]), np.append(tl, tl[-1])
-    panels = ((ax_frozen, nf, "frozen blocks", "C0"), (ax_target, tl, "target layer", "C1"))
-    for ax, y, label, color in panels:
-        if x.size:
-            ax.step(x, y, where="post", color=color, linewidth=1.8)
-            top = int(max(y.max(), 1))
-            ax.set_ylim(-0.3, top + 0.5)
-            ticks = np.unique(np.linspace(0, top, min(top, 8) + 1).round().astype(int))
-            ax.set_yticks(ticks)
-            if ax is ax_target:
-                ax.set_yticklabels(["pixels" if t == 0 else f"h_{t}" for t in ticks])
+    end = float(total_steps) if total_steps is not None else (float(x[-1]) if x.size else 1.0)
+    if x.size:
+        ax.step(np.append(x, max(end, x[-1])), np.append(nf, nf[-1]), where="post", color="C0", linewidth=1.8)
+        # one label per stretch of constant (frozen, target)
+        change = np.flatnonzero(np.r_[True, (np.diff(nf) != 0) | (np.diff(tl) != 0)])
+        bounds = np.append(x[change], end)
+        for j, i in enumerate(change):
+            mid = (bounds[j] + bounds[j + 1]) / 2
+            ax.annotate(f"target {_layer_name(int(tl[i]))}", xy=(mid, nf[i]), xytext=(0, 4), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=8, color="C1")
+        top = int(max(nf.max(), 1))
+        ax.set_ylim(-0.3, top + 0.8)
+        ax.set_yticks(np.unique(np.linspace(0, top, min(top, 8) + 1).round().astype(int)))
+    else:
+        _no_data(ax, "no schedule points")
+    ax.set_ylabel("frozen blocks")
+    ax.set_title("LayerLock schedule: frozen blocks and the target", fontsize=10)
+    ax.grid(True, alpha=0.2)
+    ax.set_xlim(min(0.0, float(x[0]) if x.size else 0.0), end)
+    mark_sessions(ax, sessions)
+    if lr is not None:
+        ax_lr = fig.add_subplot(2, 1, 2, sharex=ax)
+        lx, ly = np.asarray(lr[0], dtype=float), np.asarray(lr[1], dtype=float)
+        if lx.size:
+            ax_lr.plot(lx, ly, color="C2", linewidth=1.4)
         else:
-            _no_data(ax, "no schedule points")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.2)
-    if total_steps is not None:
-        ax_frozen.set_xlim(left=min(0.0, float(x[0]) if x.size else 0.0), right=float(total_steps))
-    ax_target.set_xlabel("step")
-    ax_frozen.set_title("LayerLock schedule")
+            _no_data(ax_lr, "no LR logged")
+        ax_lr.set_ylabel("LR applied")
+        ax_lr.set_title("learning rate: warmup + cosine, times the switch warmup after each target switch",
+                        fontsize=9)
+        ax_lr.grid(True, alpha=0.2)
+        mark_sessions(ax_lr, sessions)
+        ax_lr.set_xlabel("step")
+    else:
+        ax.set_xlabel("step")
     return _save(fig, path)
 
 
-def plot_collapse_stats(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """One subplot per collapse statistic present in ``rows`` (see :data:`COLLAPSE_KEYS`) vs step.
-
-    Keys absent from every row are skipped; with none present the figure says so.
-    """
+def plot_collapse_stats(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    events: Sequence[Mapping[str, Any]] = (),
+    guard: GuardConfig | None = None,
+    total_steps: int | None = None,
+) -> Path:
+    """One panel per collapse statistic present in ``rows`` (see :data:`COLLAPSE_KEYS`) vs step, each with
+    what it means, the guard's threshold (``guard``) and the freeze / switch ``events``. The guard
+    measures latent targets only, so the statistics start at the first switch; the x-axis still spans
+    the run (``total_steps``) and says so. Keys absent from every row are skipped; with none present the
+    figure says so."""
     present = [(k, *_series(rows, k)) for k in COLLAPSE_KEYS]
     present = [p for p in present if p[1].size]
-    fig = _figure(8.0, 2.6 * max(1, len(present)))
+    fig = _figure(8.0, 2.5 * max(1, len(present)) + 0.8)
     if not present:
-        _no_data(fig.add_subplot(1, 1, 1), "no collapse statistics logged")
+        _no_data(fig.add_subplot(1, 1, 1), "no collapse statistics logged (the guard measures latent targets only)")
         return _save(fig, path)
+    first = min(float(p[1][0]) for p in present)
+    switches = [float(e["step"]) for e in events if _number(e.get("step")) is not None and not e.get("resumed")]
+    first = min([first, *switches])  # the first switch, where the latent targets begin
+    end = float(total_steps) if total_steps is not None else max(float(p[1][-1]) for p in present)
     for i, (key, steps, vals) in enumerate(present):
         ax = fig.add_subplot(len(present), 1, i + 1)
         ax.plot(steps, vals, linewidth=1.4, marker="." if steps.size < 50 else None)
+        if guard is not None and key in GUARD_THRESHOLDS:
+            threshold = getattr(guard, GUARD_THRESHOLDS[key])
+            ax.axhline(threshold, color="C3", linestyle="--", linewidth=1.0,
+                       label=f"guard trips below {threshold:g} ({guard.patience} checks in a row)")
+            ax.legend(loc="center right", fontsize=7)
         if np.all(vals > 0) and vals.max() / vals.min() > 100:  # e.g. a feature std collapsing
             ax.set_yscale("log")
+        if first > 0:
+            ax.axvspan(0, first, color="0.93")
+            if i == 0:
+                ax.text(first / 2, 0.5, "pixel target:\nnothing to measure", transform=ax.get_xaxis_transform(),
+                        ha="center", va="center", fontsize=8, color="gray")
+        mark_events(ax, events, labels=i == 0)
+        ax.set_xlim(0, end)
         ax.set_ylabel(key.split("/", 1)[-1])
+        ax.set_title(COLLAPSE_MEANING[key], fontsize=8, loc="left", pad=24 if i == 0 and switches else 4)
         ax.grid(True, alpha=0.2)
         if i == len(present) - 1:
             ax.set_xlabel("step")
+    every = f"every {guard.every} steps" if guard is not None else "at the guard's checks"
+    fig.suptitle(f"collapse-guard statistics of the latent targets (measured {every}, logged per row)", fontsize=10)
     return _save(fig, path)
 
 
@@ -351,17 +359,18 @@ def plot_adaptive_signals(
 
 
 def write_run_plots(folder: Path, rows: Sequence[Mapping[str, Any]], events: Sequence[Mapping[str, Any]],
-                    config: RunConfig, layerlock: LayerLock) -> None:
-    """A finished run's figures in ``folder``: ``loss.png`` (from the metrics ``rows`` and freeze
-    ``events``), ``schedule.png`` (the plan of every step of ``train.steps``), ``collapse.png`` and, for an
-    adaptive schedule, ``adaptive_signals.png``."""
-    plot_loss(rows, events, folder / "loss.png", title=f"{config.method}: training loss")
+                    config: RunConfig, layerlock: LayerLock, sessions: Sequence[Mapping[str, Any]] = ()) -> None:
+    """A finished run's figures in ``folder``: ``loss.png`` (from the metrics ``rows``, the freeze
+    ``events`` and the run's ``sessions``), ``schedule.png`` (the plan of every step of ``train.steps`` and
+    the logged LR), ``collapse.png`` and, for an adaptive schedule, ``adaptive_signals.png``."""
+    plot_loss(rows, events, folder / "loss.png", title=f"{config.method}: training loss", sessions=sessions)
     steps = list(range(config.train.steps))
     plans = [layerlock.plan_at(s) for s in steps]
     plot_schedule(steps, [p.num_frozen for p in plans],
                   [0 if layerlock.heads(p) == ["pixels"] else p.target_layer for p in plans],
-                  folder / "schedule.png", total_steps=config.train.steps)
-    plot_collapse_stats(rows, folder / "collapse.png")
+                  folder / "schedule.png", total_steps=config.train.steps, lr=_series(rows, "lr"), sessions=sessions)
+    plot_collapse_stats(rows, folder / "collapse.png", events=events, guard=config.guard,
+                        total_steps=config.train.steps)
     if config.schedule.kind == "adaptive":
         from ..schedule import FreezeSchedule
 

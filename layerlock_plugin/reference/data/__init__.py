@@ -10,6 +10,8 @@ Real video: :mod:`.video_folder` (a folder, indexed once, decoded lazily) and :m
 (WebDataset tar shards) make clips with :mod:`.video_clips`: frames drawn per (seed, epoch, index)
 (:mod:`.clip_sampling`), decoded with seeking (:mod:`.decoders`), augmented and normalised
 (:mod:`.video_transforms`); a bad file is replaced and counted (:mod:`.bad_videos`).
+:mod:`.device_clips` serves cached clips (the embedded digits) from the training device (no loader between
+cache and step).
 """
 
 from .bad_videos import BadVideoLog

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ...errors import MissingDependencyError
+from ...errors import MissingDependencyError, install_extra
 
 __all__ = ["BadVideo", "PyAVReader", "TorchCodecReader", "open_reader", "scaled_size"]
 
@@ -42,7 +42,7 @@ def _import_av():
     try:
         import av  # noqa: PLC0415 - optional dependency, imported lazily
     except ImportError as e:
-        raise MissingDependencyError('decoding video files needs PyAV: pip install "layerlock-plugin[video]"') from e
+        raise MissingDependencyError(f"decoding video files needs PyAV: {install_extra('video')}") from e
     return av
 
 
@@ -181,7 +181,7 @@ class TorchCodecReader:
         except Exception as e:  # noqa: BLE001 - ImportError, or FFmpeg's libraries missing (RuntimeError)
             raise MissingDependencyError(
                 'data.decoder "torchcodec" needs torchcodec and FFmpeg\'s shared libraries: '
-                'pip install "layerlock-plugin[torchcodec]" and e.g. apt-get install libavcodec59 libavformat59 '
+                f'{install_extra("torchcodec")}; and e.g. apt-get install libavcodec59 libavformat59 '
                 f'libavutil57 libswscale6 libswresample4 libavfilter8 libavdevice59 ({type(e).__name__}: {e})'
             ) from None
         self._cls = VideoDecoder

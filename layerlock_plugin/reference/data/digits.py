@@ -274,6 +274,11 @@ class DigitsVideoDataset(Dataset):
                 out[k][i] = val
         return out
 
+    @property
+    def cached_videos(self) -> torch.Tensor | None:
+        """Every clip ``[N, C, T, H, W]`` when rendered up front (``cache=True``), else None."""
+        return None if self._cache is None else self._cache["video"]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index = self._index(index)
         if self._cache is not None:

@@ -1,5 +1,5 @@
 """A folder of real videos for the reference trainer: :class:`VideoFolderDataset` (config
-:class:`~.video_config.VideoFolderConfig`; decoders need ``pip install "layerlock-plugin[video]"``).
+:class:`~.video_config.VideoFolderConfig`; decoders need the ``video`` extra: ``pip install -e ".[video]"`` from a checkout).
 
 Start-up opens no video: the index is the label file (mmaction2's list format, ``relative/path.mp4
 label`` per line) or, without one, one listing of the folder (:func:`build_index`; the trainer lists on

@@ -1,6 +1,6 @@
 """Video clips from WebDataset tar shards (``data.source: shards``), for data in object storage or on a
 parallel file system: each rank and data-loader worker streams whole shards of its own, no index, no
-random access. Reading uses the ``webdataset`` library (``pip install "layerlock-plugin[video]"``);
+random access. Reading uses the ``webdataset`` library (the ``video`` extra: ``pip install -e ".[video]"`` from a checkout);
 :func:`write_shards` makes shards from a video folder.
 
 Who reads what. Epoch ``e`` orders the shards by a permutation seeded by ``(seed, e)``; rank ``r`` of
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ...errors import ConfigError, MissingDependencyError
+from ...errors import ConfigError, MissingDependencyError, install_extra
 from .bad_videos import MAX_TRIES, bad_fields
 from .clip_sampling import ClipTooShort, sample_seed
 from .decoders import BadVideo
@@ -49,7 +49,7 @@ def _wds():
     try:
         import webdataset  # noqa: PLC0415 - optional dependency, imported lazily
     except ImportError as e:
-        raise MissingDependencyError('reading video shards needs webdataset: pip install "layerlock-plugin[video]"') from e
+        raise MissingDependencyError(f"reading video shards needs webdataset: {install_extra('video')}") from e
     return webdataset
 
 

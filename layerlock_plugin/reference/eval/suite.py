@@ -306,4 +306,16 @@ def probe_report(probes: Mapping[str, Any], kind: str) -> str:
     lines = [f"probes (frozen features, {kind} classifier): " + "; ".join(parts)]
     if kinds:
         lines.append("  every probe kind, trained / random init: " + "; ".join(kinds))
+    if parts:
+        lines.append(READING)
     return "\n".join(lines)
+
+
+#: What one run's probe line lets a user conclude (the calibration behind it: docs/evaluation.md).
+READING = (
+    "  reading it: depth is where pretraining beats random init here; compare runs on depth R2. Motion is "
+    "calibrated, but random init reads it best (its attentive probe differences raw frames; every pretrained "
+    "encoder at this scale, pixel MAE included, is below it): below random init means frame detail was "
+    "discarded, not that nothing was learned. Appearance is weak evidence (an encoder trained on the digit "
+    "labels does not beat random init). The numbers vary with thread count and CPU (float rounding, which "
+    "training amplifies; motion by a few hundredths): compare methods over several seeds (docs/evaluation.md).")

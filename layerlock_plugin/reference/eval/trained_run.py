@@ -15,6 +15,7 @@ import torch
 
 from ..data import DigitsVideoDataset
 from ..model import VideoMAE
+from . import baseline_cache
 from .config import ProbeConfig
 from .suite import run_probes
 
@@ -44,14 +45,28 @@ def probe_encoder(encoder: VideoMAE, train_set: DigitsVideoDataset, test_set: Di
 
 
 def probe_run(trained: VideoMAE, random_init: Callable[[], VideoMAE], config: RunConfig, device: torch.device,
-              out_file: Path) -> dict[str, Any]:
+              out_file: Path, latent_layers: tuple[int, ...] = (), say: Callable[[str], None] = lambda s: None
+              ) -> dict[str, Any]:
     """Probe the ``trained`` encoder, then the one ``random_init()`` builds (after the first is probed),
     with ``config.probe`` on the train / test splits of the run's digits data: ``{<trained probe
-    keys>..., "random_init": {<keys>...}}``, also written to ``out_file`` (``probes.json``)."""
+    keys>..., "random_init": {<keys>...}}``, also written to ``out_file`` (``probes.json``).
+
+    The random-init results come from :mod:`.baseline_cache` when a run of the same config, seed
+    (``latent_layers``: the readouts ``random_init()`` builds), code and machine computed them before
+    (``say`` tells which)."""
     train_set, test_set = DigitsVideoDataset(config.data, "train"), DigitsVideoDataset(config.data, "test")
     tubelet = config.model.tubelet
     results: dict[str, Any] = probe_encoder(trained, train_set, test_set, tubelet, config.probe, device)
-    results["random_init"] = probe_encoder(random_init(), train_set, test_set, tubelet, config.probe, device)
+    run = config.to_dict()
+    key = baseline_cache.baseline_key(run["model"], run["data"], run["probe"], config.seed, latent_layers, device)
+    cached = baseline_cache.load(key)
+    if cached is None:
+        cached = probe_encoder(random_init(), train_set, test_set, tubelet, config.probe, device)
+        baseline_cache.store(key, cached)
+    else:
+        say(f"[probes] random-init baseline from the cache ({baseline_cache.cache_dir()}; same config, seed, "
+            "code and machine; LAYERLOCK_CACHE=off recomputes it)")
+    results["random_init"] = cached
     with open(out_file, "w") as f:
         json.dump(results, f, indent=2)
     return results

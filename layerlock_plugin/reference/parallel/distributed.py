@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,6 +131,17 @@ def all_reduce_mean(values: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return out
 
 
+def device_flags(flags: Sequence[float], device: torch.device) -> torch.Tensor:
+    """Host scalars as a float vector ``[len(flags)]`` made on ``device`` by fills (each value a kernel
+    argument): unlike ``torch.tensor([...], device=cuda)``, no pageable host-to-device copy that waits for
+    the GPU. Zeros cost nothing beyond the allocation."""
+    out = torch.zeros(len(flags), device=device)
+    for i, value in enumerate(flags):
+        if value:
+            out[i].fill_(float(value))
+    return out
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed:
         dist.barrier()
@@ -140,4 +152,5 @@ def teardown(env: DistEnv) -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DistEnv", "setup", "pick_device", "check_batch", "rank_seed", "all_reduce_mean", "barrier", "teardown"]
+__all__ = ["DistEnv", "setup", "pick_device", "check_batch", "rank_seed", "all_reduce_mean", "device_flags", "barrier",
+           "teardown"]

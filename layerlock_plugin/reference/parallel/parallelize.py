@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._compat import ddp_buffer_sync, fsdp2
 from ...integration import LayerLockDDP, set_active_heads
 from .distributed import DistEnv
 from ..model import VideoMAE
@@ -53,15 +54,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 def apply_fsdp(model: VideoMAE, param_dtype: torch.dtype | None) -> None:
     """FSDP2 in place: the stem, each block, then the root (readouts, query token, decoder norm)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
+    fsdp = fsdp2()
+    MixedPrecisionPolicy, fully_shard = fsdp.MixedPrecisionPolicy, fsdp.fully_shard  # noqa: N806
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
     fully_shard(model.patch_embed, mp_policy=mp)
     for block in model.blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     # The latent targets come from forward_prefix, not forward: give it the root's unshard hooks.
-    register_fsdp_forward_method(model, "forward_prefix")
+    fsdp.register_fsdp_forward_method(model, "forward_prefix")
     # FSDP2 warns that the root returns views (the readouts' reshaped outputs); nothing modifies
     # them in place, so the warning is noise on every step.
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
@@ -106,7 +107,8 @@ class Parallelized:
             return changed
         if self._ddp is None:
             ids = [self.env.device.index] if self.env.device.type == "cuda" else None
-            self._ddp = LayerLockDDP(self.model, device_ids=ids, forward_sync_buffers=False)  # buffers: constants (RoPE)
+            # buffers are constants (RoPE tables): no sync per forward
+            self._ddp = LayerLockDDP(self.model, device_ids=ids, **ddp_buffer_sync(False))
             return True
         return self._ddp.sync()
 

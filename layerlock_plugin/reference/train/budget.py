@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ...errors import ConfigError
 from ..config import OptimConfig
-from .optim import cosine_with_warmup
+from .optim import cosine_with_warmup, lr_course
 
 
 def check_resume_budget(steps: int, step: int, saved_steps: int, extend: bool, optim: OptimConfig) -> str | None:
@@ -32,8 +32,9 @@ def check_resume_budget(steps: int, step: int, saved_steps: int, extend: bool, o
     old_lr = o.lr * cosine_with_warmup(saved_steps, o.warmup_steps, o.min_lr_ratio)(step)
     new_lr = o.lr * cosine_with_warmup(steps, o.warmup_steps, o.min_lr_ratio)(step)
     return (f"extending the run from {saved_steps} to {steps} steps: the cosine LR schedule is recomputed for "
-            f"{steps} steps, so at step {step} the LR goes from {old_lr:.3g} to {new_lr:.3g}, then decays to "
-            f"{o.lr * o.min_lr_ratio:.3g} at step {steps}; the freeze schedule (step-based) is unchanged")
+            f"{steps} steps, so at step {step} the LR goes from {old_lr:.3g} to {new_lr:.3g}, then "
+            f"{lr_course(steps, step, o.lr, o.warmup_steps, o.min_lr_ratio)}; the freeze schedule (step-based) "
+            "is unchanged")
 
 
 def check_stop_after(stop_after: int | None, step: int, steps: int) -> None:

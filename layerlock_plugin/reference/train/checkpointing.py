@@ -19,7 +19,7 @@ import torch
 from ...checkpoint import check_model_state, load_checkpoint, require_keys, save_atomic
 from ...errors import CheckpointError
 from ..parallel import dcp
-from .run_folder import CHECKPOINT_FILE, HISTORY_PREFIX
+from .run_folder import CHECKPOINT_FILE, HISTORY_PREFIX, resume_source
 
 CHECKPOINT_FORMAT = "layerlock-reference/1"
 DCP_FORMAT = "layerlock-reference-dcp/1"
@@ -83,14 +83,45 @@ def config_from_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt["config"]
 
 
-def checkpoint_progress(run_dir: Path) -> tuple[int, dict[str, Any]]:
-    """``(step, config)`` of a run folder's newest complete checkpoint."""
-    if (run_dir / dcp.DCP_DIR).is_dir():
-        state = dcp.read_trainer_state(dcp.resolve(run_dir))
+def checkpoint_progress(path: Path) -> tuple[int, dict[str, Any], int]:
+    """``(step, config, world size)`` of a checkpoint: a run folder's newest complete one, a
+    ``checkpoint*.pt`` file or one ``dcp/step_*`` folder (for DCP only the small trainer state is read)."""
+    if path.is_dir() and ((path / dcp.DCP_DIR).is_dir() or path.parent.name == dcp.DCP_DIR):
+        state = dcp.read_trainer_state(dcp.resolve(path))
     else:
-        state = load_checkpoint(run_dir / CHECKPOINT_FILE)
-        require_keys(state, ["step", "config"], run_dir / CHECKPOINT_FILE)
-    return int(state["step"]), state["config"]
+        file = path / CHECKPOINT_FILE if path.is_dir() else path
+        state = load_checkpoint(file)
+        require_keys(state, ["step", "config"], file)
+    return int(state["step"]), state["config"], int(state.get("world_size", 1))
+
+
+def check_folder_holds_one_run(run_dir: Path, saved: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse a run folder whose ``config.yaml`` and checkpoint (config ``saved``) belong to different runs
+    (e.g. a checkpoint copied in from another run): resuming would continue the other run and mix both
+    runs' logs in one folder. Fields a resume may change (:data:`RESUMABLE_CHANGES`: ``--extend`` rewrites
+    ``train.steps`` in config.yaml before the next checkpoint) are not compared. No config.yaml: nothing
+    to compare (a checkpoint file outside a run folder)."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        folder = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"{path} is not readable YAML ({type(e).__name__}); the run folder was edited or "
+                              "damaged, so which run it holds is unknown") from None
+    # config.yaml is the YAML dump of the same dict: compare it with the checkpoint's in the same form
+    saved = yaml.safe_load(yaml.safe_dump(saved, sort_keys=False))
+    diffs = [d for d in config_diff(folder, saved)
+             if not any(d == c or d.startswith(c + ".") for c in RESUMABLE_CHANGES)]
+    if diffs:
+        what = (checkpoint.name if checkpoint.is_file() else f"{dcp.DCP_DIR}/{checkpoint.name}"
+                if checkpoint.parent.name == dcp.DCP_DIR else f"{dcp.DCP_DIR}/" if (checkpoint / dcp.DCP_DIR).is_dir()
+                else CHECKPOINT_FILE)
+        raise CheckpointError(f"{run_dir}: its config.yaml and {what} belong to different runs; differing fields: "
+                              f"{', '.join(diffs[:8])}{' ...' if len(diffs) > 8 else ''}. Resuming would continue "
+                              "the checkpoint's run in this folder and mix both runs' logs; nothing was written")
 
 
 class Checkpointer:
@@ -107,7 +138,7 @@ class Checkpointer:
     def _common(self) -> dict[str, Any]:
         t = self.t
         return {"config": t.config.to_dict(), "step": t.step, "scheduler": t.scheduler.state_dict(),
-                "layerlock": t.layerlock.state_dict()}
+                "layerlock": t.layerlock.state_dict(), "log_window": t.log.pending()}
 
     def save(self) -> Path:
         t = self.t
@@ -155,6 +186,7 @@ class Checkpointer:
         require_keys(ckpt, ["format", "config", "step", "model", "optimizer", "scheduler", "layerlock", "rng"], file)
         if ckpt["format"] != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{file} has format {ckpt['format']!r}, expected {CHECKPOINT_FORMAT!r}")
+        self._check_folder(path, ckpt["config"])
         check_same_config(ckpt["config"], t.config.to_dict(), file)
         check_model_state(t.model, ckpt["model"], str(file))
         t.model.load_state_dict(ckpt["model"])
@@ -165,7 +197,7 @@ class Checkpointer:
         t.mask_generator.set_state(ckpt["rng"]["mask"].cpu())
         if file.name == CHECKPOINT_FILE:
             self.saved_step = int(ckpt["step"])
-        return self._resumed_at(int(ckpt["step"]), ckpt["config"], file)
+        return self._resumed_at(int(ckpt["step"]), ckpt["config"], file, ckpt.get("log_window"))
 
     def _resume_dcp(self, path: Path) -> int:
         """DCP resume: the plan is re-applied (and the wrapping synced) before the optimizer state loads,
@@ -178,6 +210,7 @@ class Checkpointer:
         state = dcp.read_trainer_state(ckpt_dir)
         if state["format"] != DCP_FORMAT:
             raise CheckpointError(f"{ckpt_dir} has format {state['format']!r}, expected {DCP_FORMAT!r}")
+        self._check_folder(path, state["config"])
         check_same_config(state["config"], t.config.to_dict(), ckpt_dir)
         t.layerlock.load_state_dict(state["layerlock"])
         t.parallel.sync(t.layerlock.heads())
@@ -190,11 +223,20 @@ class Checkpointer:
                    f"{t.env.world_size}: per-rank dropout RNG streams start fresh")
         else:
             restore_rng(rng, t.device)
-        return self._resumed_at(int(state["step"]), state["config"], ckpt_dir)
+        return self._resumed_at(int(state["step"]), state["config"], ckpt_dir, state.get("log_window"))
 
-    def _resumed_at(self, step: int, saved_config: dict[str, Any], source: Path) -> int:
+    @staticmethod
+    def _check_folder(path: Path, saved_config: dict[str, Any]) -> None:
+        run_dir = resume_source(path)[1]
+        if run_dir is not None:
+            check_folder_holds_one_run(run_dir, saved_config, path)
+
+    def _resumed_at(self, step: int, saved_config: dict[str, Any], source: Path, log_window: list | None) -> int:
         t = self.t
         t.step = step
+        # the steps since the last log row (checkpoints written before there was such a field: none)
+        t.log.restore_pending(log_window or [])
+        t._guard_decided = step  # a deferred guard decided the restored steps before the checkpoint
         if t.layerlock.next_step != step:
             raise CheckpointError(f"{source}: LayerLock state is at step {t.layerlock.next_step}, trainer at {step}")
         return int(saved_config["train"]["steps"])

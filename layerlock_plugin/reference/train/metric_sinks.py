@@ -15,7 +15,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from ...errors import ConfigError
+from ...errors import ConfigError, install_extra
 
 TB_DIR, WANDB_DIR, WANDB_ID = "tb", "wandb", "wandb_run_id"
 
@@ -72,11 +72,11 @@ def tensorboard_available() -> bool:
 def check_sinks(train_config: Any) -> None:
     """Refuse, before anything is written, a sink that was asked for but cannot run."""
     if train_config.tensorboard is True and not tensorboard_available():
-        raise ConfigError("train.tensorboard", 'is true but the tensorboard package is not installed: '
-                                               'pip install "layerlock-plugin[tensorboard]" (or set it to auto / false)')
+        raise ConfigError("train.tensorboard", "is true but the tensorboard package is not installed: "
+                                               f"{install_extra('tensorboard')} (or set it to auto / false)")
     if train_config.wandb.project is not None and importlib.util.find_spec("wandb") is None:
-        raise ConfigError("train.wandb.project", 'is set but wandb is not installed: pip install '
-                                                 '"layerlock-plugin[wandb]" (or leave train.wandb.project null)')
+        raise ConfigError("train.wandb.project", f"is set but wandb is not installed: {install_extra('wandb')} "
+                                                 "(or leave train.wandb.project null)")
 
 
 def open_sinks(folder: Path, train_config: Any, run_config: dict[str, Any], resumed_step: int) -> list[Any]:

@@ -28,7 +28,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 DCP_DIR = "dcp"
 #: Everything the reference trainer writes into a run folder (save_atomic's temporary files start with
 #: a dot and the name of the file they replace).
-RUN_FILES = ("config.yaml", "metrics.jsonl", "events.jsonl", "throughput.jsonl", CHECKPOINT_FILE, "encoder.pt",
+RUN_FILES = ("config.yaml", "metrics.jsonl", "events.jsonl", "throughput.jsonl", "sessions.jsonl", CHECKPOINT_FILE,
+             "encoder.pt",
              "probes.json", "summary.json")
 RUN_DIRS = ("plots", DCP_DIR, "tb", "wandb")
 #: Earlier checkpoints kept beside checkpoint.pt (``train.keep_last``): ``checkpoint.step_00000500.pt``.
