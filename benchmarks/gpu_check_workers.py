@@ -117,10 +117,10 @@ def render_data_once() -> None:
 
     original = trainer_module.build_dataset
 
-    def shared(config, split="train"):
-        if config.data_source != "folder" and split == "train":
+    def shared(config, split="train", env=None):
+        if config.data_source == "digits" and split == "train":
             return _rendered(config.data)
-        return original(config, split)
+        return original(config, split, env)
 
     trainer_module.build_dataset = shared
 

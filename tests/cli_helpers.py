@@ -1,13 +1,23 @@
-"""Drive the installed ``layerlock-train`` as a user would: a subprocess, its exit code and its output."""
+"""Drive ``layerlock-train`` as a user would and read its exit code and output: the installed executable in a
+subprocess (:func:`run_cli`), or its ``main()`` in this process (:func:`run_main`).
+
+A subprocess costs a Python + torch start-up (seconds on a slow CI core) and is what process-level behaviour
+needs: signals, a kill, the exit code and stderr a terminal shows, warnings at import. Everything else (run
+folders, resume, budgets, config errors) reads the same exit code, stdout and stderr from ``run_main``.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import traceback
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
 #: A few seconds of training: events at steps 6, 10, 14 (warmup 3 < interval 4, so no warmup warning).
@@ -33,6 +43,42 @@ def run_cli(args: list[str], cwd: Path, timeout: float = 240, **kw) -> subproces
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     return subprocess.run(command() + [str(a) for a in args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
+
+
+def _show_on_stderr(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 (warnings')
+    sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def run_main(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    """``layerlock-train ARGS`` run in this process from the folder ``cwd``: exit code, stdout and stderr as
+    :func:`run_cli` returns them. As in a fresh process, warnings are shown once per place on stderr
+    (``PYTHONWARNINGS=default``) and an exception that escapes ``main()`` prints its traceback with exit code 1;
+    the caller's working folder and torch thread count are restored."""
+    from layerlock_plugin.reference.cli import main
+
+    import torch
+
+    out, err = io.StringIO(), io.StringIO()
+    threads, here = torch.get_num_threads(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(out), redirect_stderr(err):
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_on_stderr  # not pytest's recorder: a user sees them on stderr
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse: --help, a bad flag (it printed its message itself)
+                code = e.code if isinstance(e.code, int) or e.code is None else 1
+                if not isinstance(e.code, int) and e.code is not None:
+                    print(e.code, file=sys.stderr)  # as the interpreter does with a non-integer exit code
+                code = code or 0
+            except Exception:  # what Python does with an uncaught exception
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(["layerlock-train", *map(str, args)], code, out.getvalue(), err.getvalue())
 
 
 def checksums(folder: Path) -> dict[str, str]:

@@ -13,7 +13,9 @@ from torch import nn
 
 from layerlock_plugin.encoder import EncoderUnits, FreezeUnit, check_layers
 
-torch.set_num_threads(2)
+# Under pytest-xdist (README's `-n 2`) the workers already share the cores: one intra-op thread each, since
+# more threads per worker only contend (and tiny models gain nothing from them).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 # The random-init probe baselines the runs cache (reference/eval/baseline_cache.py) go to a folder of this
 # test session, inherited by every subprocess: nothing is written to the user's cache.
 os.environ["LAYERLOCK_CACHE"] = tempfile.mkdtemp(prefix="layerlock-test-cache-")

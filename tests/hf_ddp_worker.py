@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from teardown_abort import save_atomic
 from test_hf_videomae import Clips, ll_config, tiny_model, training_args  # tests/ is sys.path[0] as a script
 
 from layerlock_plugin.adapters.huggingface import LayerLockTrainer
@@ -30,7 +31,7 @@ def main(out: Path) -> None:
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.train()
     ddp = trainer.model_wrapped
-    torch.save({"state": model.state_dict(), "initial": initial, "snapshots": snapshots,
+    save_atomic({"state": model.state_dict(), "initial": initial, "snapshots": snapshots,
                 "events": [(e.step, e.num_frozen) for e in trainer.events], "world_size": dist.get_world_size(),
                 "wrapper": type(ddp).__name__, "find_unused": getattr(ddp, "find_unused_parameters", None),
                 "frozen_have_grad": [p.grad is not None for p in trainer.layerlock.freezer.frozen_parameters()]},

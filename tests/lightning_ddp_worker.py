@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from layerlock_plugin.adapters.lightning import LayerLockCallback
+from teardown_abort import save_atomic
 from test_lightning_callback import LitMAE, loader  # tests/ is sys.path[0] when run as a script
 
 
@@ -40,7 +41,7 @@ def main(out: Path) -> None:
     trainer.fit(model, loader())
     vit_state = {k: v.detach().clone() for k, v in vit.state_dict().items()}
     frozen_grads = [p.grad is not None for p in ll.freezer.frozen_parameters()]
-    torch.save({"vit": vit_state, "snapshots": snapshots, "initial_last_block": initial_last_block, "frozen_has_grad": frozen_grads,
+    save_atomic({"vit": vit_state, "snapshots": snapshots, "initial_last_block": initial_last_block, "frozen_has_grad": frozen_grads,
                 "events": [(e, n) for e, n in ll.schedule.events()], "num_frozen": ll.plan.num_frozen,
                 "next_step": ll.next_step, "world_size": trainer.world_size},
                out / f"rank{trainer.global_rank}.pt")

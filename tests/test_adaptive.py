@@ -246,7 +246,6 @@ def _trainer(tmp_path, *extra, stop_after=None, resume=None):
     return trainer
 
 
-@pytest.mark.timeout(120)
 def test_reference_trainer_adaptive_resume_and_recorded_replay(tmp_path, capsys):
     full = _trainer(tmp_path / "full")
     decided = full.layerlock.schedule.events()

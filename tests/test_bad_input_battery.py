@@ -1,9 +1,12 @@
-"""The installed ``layerlock-train`` against bad input: config fields, YAML files, CLI flags and resume
-folders (missing, truncated, foreign, from another model, from another config, a copy).
+"""``layerlock-train`` against bad input: config fields, YAML files, CLI flags and resume folders (missing,
+truncated, foreign, from another model, from another config, a copy).
 
 For every case: exit code 2, exactly one line on stderr that names the field (or the file) and says what
 is allowed, no traceback, nothing written in the working folder, and every existing run folder
-byte-identical afterwards.
+byte-identical afterwards. Every case runs through the command line's ``main()`` in this process; one case
+of each kind (a YAML file, a flag, a field the built trainer checks, a resume folder) also runs as the
+installed executable in its own process, where exit code, stderr and start-up warnings are the process's
+own.
 """
 
 from __future__ import annotations
@@ -15,9 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cli_helpers import checksums, run_cli, tiny_args
-
-pytestmark = pytest.mark.timeout(900)
+from cli_helpers import checksums, run_cli, run_main, tiny_args
 
 YAML_FILES = {
     "syntax.yaml": "model:\n  preset: tiny\n  depth: [1, 2\n",
@@ -143,8 +144,10 @@ def workspace(tmp_path_factory):
     """A working folder with runs of every kind a user may point the CLI at."""
     root = tmp_path_factory.mktemp("battery")
     runs = root / "runs"
-    for name, extra in (("done", ()), ("part", ("--stop-after", "12")), ("othermodel", ("--set", "model.embed_dim=48"))):
-        out = run_cli(tiny_args("--out", f"runs/{name}", *extra), root)
+    # (othermodel's checkpoint matters only for its model: one step is enough)
+    for name, extra in (("done", ()), ("part", ("--stop-after", "12")),
+                        ("othermodel", ("--set", "model.embed_dim=48", "--stop-after", "1"))):
+        out = run_main(tiny_args("--out", f"runs/{name}", *extra), root)
         assert out.returncode == 0, out.stderr
     shutil.copytree(runs / "part", runs / "copy")
     good = (runs / "part" / "checkpoint.pt").read_bytes()
@@ -166,22 +169,36 @@ def workspace(tmp_path_factory):
     return root
 
 
+# one case of each kind, also run as the installed executable in its own process
+IN_A_PROCESS = [
+    ["--config", "syntax.yaml"],
+    ["--bogus-flag"],
+    ["--stop-after", "2000"],  # refused once the trainer is built: the whole trainer stack is imported
+    ["--resume", "runs/truncated"],
+]
+
+
+def _failure(args, field, out) -> str | None:
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    ok = (out.returncode == 2 and len(lines) == 1 and lines[0].startswith("layerlock-train: error: ")
+          and field in lines[0] and "Traceback" not in out.stderr + out.stdout)
+    return None if ok else f"{' '.join(args)} -> rc {out.returncode}, stderr {out.stderr.strip()!r}"
+
+
 def test_every_bad_input_is_one_clear_line_exit_2_and_writes_nothing(workspace):
     assert len(CASES) >= 60 and len({tuple(a) for a, _ in CASES}) == len(CASES)
+    fields = {tuple(a): f for a, f in CASES}
+    assert all(tuple(a) in fields for a in IN_A_PROCESS)
     before = checksums(workspace)
+    failures = [_failure(args, field, run_main(args, workspace)) for args, field in CASES]
 
-    def one(case):
-        args, field = case
-        return case, run_cli(args, workspace, timeout=300)
+    def one(args):
+        return args, run_cli(args, workspace, timeout=300)
 
-    failures = []
-    with ThreadPoolExecutor(max_workers=2) as pool:  # two at a time on the two cores
-        for (args, field), out in pool.map(one, CASES):
-            lines = [line for line in out.stderr.splitlines() if line.strip()]
-            ok = (out.returncode == 2 and len(lines) == 1 and lines[0].startswith("layerlock-train: error: ")
-                  and field in lines[0] and "Traceback" not in out.stderr + out.stdout)
-            if not ok:
-                failures.append(f"{' '.join(args)} -> rc {out.returncode}, stderr {out.stderr.strip()!r}")
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the start-ups overlap
+        failures += [f"(own process) {_failure(args, fields[tuple(args)], out)}"
+                     for args, out in pool.map(one, IN_A_PROCESS) if _failure(args, fields[tuple(args)], out)]
+    failures = [f for f in failures if f]
     assert not failures, "\n".join(failures)
     after = checksums(workspace)
     assert after == before, f"bad input changed files: {sorted(set(after.items()) ^ set(before.items()))[:5]}"
@@ -196,3 +213,28 @@ def test_the_battery_workspace_is_what_it_claims(workspace):
     assert other["config"]["model"]["embed_dim"] == 48
     assert Path(workspace / "runs" / "copy" / "checkpoint.pt").read_bytes() == \
         Path(workspace / "runs" / "part" / "checkpoint.pt").read_bytes()
+
+
+def test_the_in_process_runner_shows_what_a_process_would(tmp_path, monkeypatch):
+    """The battery reads ``run_main`` as it reads a process: an exception escaping ``main()`` is a traceback
+    on stderr with exit code 1 (so it fails the battery), warnings reach stderr, the folder and threads are
+    restored."""
+    import warnings
+
+    from layerlock_plugin.reference import cli
+
+    threads = torch.get_num_threads()
+
+    def crash(args, package_warnings):
+        warnings.warn("a warning from elsewhere", DeprecationWarning)
+        torch.set_num_threads(threads + 1)
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cli, "_run", crash)
+    out = run_main(["--set", "optim.lr=1e-3"], tmp_path)
+    assert out.returncode == 1 and "Traceback" in out.stderr and "ValueError: a bug" in out.stderr
+    assert "DeprecationWarning: a warning from elsewhere" in out.stderr
+    assert _failure(["x"], "optim.lr", out) is not None
+    assert torch.get_num_threads() == threads and Path.cwd() != tmp_path
+    out = run_main(["--bogus-flag"], tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("layerlock-train: error: unrecognized arguments: --bogus-flag")

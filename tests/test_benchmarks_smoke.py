@@ -30,7 +30,6 @@ def _outputs(folder, stem):
     return json.loads((folder / f"{stem}.json").read_text())
 
 
-@pytest.mark.timeout(240)
 def test_efficiency_quick(tmp_path):
     eff = _load("efficiency")
     assert eff.main(["--quick", "--reps", "1", "--overhead-reps", "1", "--results-dir", str(tmp_path)]) == 0
@@ -83,7 +82,6 @@ def test_efficiency_target_context_variants_match_the_ideal(tmp_path):
             assert r["frozen_units_grad_bytes"] == r["frozen_units_state_bytes"] == 0
 
 
-@pytest.mark.timeout(240)
 def test_reproduction_quick(tmp_path):
     rep = _load("reproduction")
     args = ["--quick", "--steps", "12", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
@@ -119,7 +117,6 @@ def test_reproduction_quick(tmp_path):
     assert rep.main([*later[:8], "mae", *later[9:]]) == 2
 
 
-@pytest.mark.timeout(240)
 def test_reproduction_quick_on_a_config_with_its_own_schedule(tmp_path):
     rep = _load("reproduction")
     config = str(Path(__file__).resolve().parents[1] / "layerlock_plugin/reference/configs/evidence.yaml")
@@ -137,7 +134,6 @@ def test_reproduction_quick_on_a_config_with_its_own_schedule(tmp_path):
     assert [n for _, n in frozen] == [1, 2]  # the config's schedule (as overridden), not the packaged shape
 
 
-@pytest.mark.timeout(240)
 def test_layer_dynamics_quick(tmp_path):
     ld = _load("layer_dynamics")
     assert ld.main(["--quick", "--snapshots", "4", "--results-dir", str(tmp_path)]) == 0
@@ -153,7 +149,6 @@ def test_layer_dynamics_quick(tmp_path):
     assert ld.main(["--quick", "--frozen", "1", "2", "--results-dir", str(tmp_path), "--tag", "g"]) == 2
 
 
-@pytest.mark.timeout(240)
 def test_diagnose_quick(tmp_path):
     dg = _load("diagnose")
     assert dg.main(["--quick", "--results-dir", str(tmp_path)]) == 0
@@ -164,7 +159,6 @@ def test_diagnose_quick(tmp_path):
         assert all(math.isfinite(r[k]) for k in dg.KEYS)
 
 
-@pytest.mark.timeout(120)
 def test_vjepa_reproduction_quick(tmp_path):
     vj = _load("vjepa_reproduction")
     assert vj.main(["--quick", "--steps", "6", "--results-dir", str(tmp_path)]) == 0
@@ -179,7 +173,6 @@ def test_vjepa_reproduction_quick(tmp_path):
     assert all(len(r["losses_every_10"]) == 1 and r["steps"] == 6 for r in runs.values())
 
 
-@pytest.mark.timeout(240)
 def test_calibration_quick(tmp_path):
     cal = _load("calibration")
     assert cal.main(["--quick", "--results-dir", str(tmp_path), "--threads", "1"]) == 0
@@ -198,7 +191,6 @@ def test_calibration_quick(tmp_path):
         assert r["lr"] == max(grid, key=lambda g: g["val_acc"])["lr"] and "state" not in grid[0]
 
 
-@pytest.mark.timeout(240)
 def test_calibration_quick_multitask_applies_the_rule_to_every_task(tmp_path):
     cal = _load("calibration")
     config = str(Path(__file__).resolve().parents[1] / "layerlock_plugin/reference/configs/evidence.yaml")
@@ -211,7 +203,6 @@ def test_calibration_quick_multitask_applies_the_rule_to_every_task(tmp_path):
     assert "Calibration rule" in (tmp_path / "calibration-quick.md").read_text()
 
 
-@pytest.mark.timeout(240)
 def test_mae_setting_quick(tmp_path):
     ms = _load("mae_setting")
     args = ["--quick", "--results-dir", str(tmp_path), "--runs-dir", str(tmp_path / "runs")]
@@ -245,7 +236,6 @@ def test_mae_setting_criterion():
     assert not ms.verdict([0.5, 0.5], [0.1, 0.1])["passes"]  # fewer than 3 seeds
 
 
-@pytest.mark.timeout(240)
 def test_supervised_recipe_quick(tmp_path):
     sr = _load("supervised_recipe")
     assert sr.main(["--quick", "--task", "appearance", "--results-dir", str(tmp_path), "--threads", "1"]) == 0

@@ -15,8 +15,11 @@ import pytest
 from layerlock_plugin.reference.config import load_config
 from layerlock_plugin.reference.train import Trainer
 
+# latent-naive's targets fall below the guard's threshold by step ~110 on raw clips (the guard trips at ~110,
+# measured with torch 2.14 on CPU): 200 steps leave room and cross three freeze events (50, 100, 150)
+STEPS = 200
 BUDGET = [
-    "train.steps=300", "train.batch_size=16", "data.num_videos=256", "schedule.pixel_steps=50",
+    f"train.steps={STEPS}", "train.batch_size=16", "data.num_videos=256", "schedule.pixel_steps=50",
     "schedule.interval=50", "guard.every=5", "guard.policy=warn", "train.progress=false", "probe.enabled=false",
     "train.ckpt_every=1000", "train.log_every=5",
 ]
@@ -35,7 +38,7 @@ def test_the_guard_sees_latent_naive_collapse_on_raw_clips(tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="layerlock")
     naive, naive_rows = _run(tmp_path, "latent-naive", "data.standardize=false")
     trips = [r["step"] for r in naive_rows if r["layerlock/guard_trips"] > 0]
-    assert trips and trips[0] <= 300, "the guard must see latent-naive collapse within the budget"
+    assert trips and trips[0] <= STEPS, "the guard must see latent-naive collapse within the budget"
     assert any("collapse guard tripped" in m for m in caplog.messages)
     assert min(r["layerlock/feature_std"] for r in naive_rows if "layerlock/feature_std" in r) < 0.05
 

@@ -42,7 +42,7 @@ def cpu_run(tmp_path_factory):
     return checkout, tmp / "results", out
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(600)  # its module fixture: the check's four parts, each a torchrun launch (~60-120 s on CI's slow machine)
 def test_gpu_check_runs_on_cpu_from_a_plain_checkout(cpu_run):
     checkout, results, out = cpu_run
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

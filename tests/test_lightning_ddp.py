@@ -10,19 +10,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from teardown_abort import forgive_teardown_abort
+
 pytest.importorskip("lightly")
 pytest.importorskip("pytorch_lightning")
 
 WORKER = Path(__file__).with_name("lightning_ddp_worker.py")
 
 
-@pytest.mark.timeout(240)
 def test_two_process_ddp_fit_across_freeze_events(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path)], env=env, cwd=WORKER.parent,
                           capture_output=True, text=True, timeout=220)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    results = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
+    # this process is rank 0 (Lightning starts rank 1 from it): its exit code; torch's teardown abort is forgiven
+    forgive_teardown_abort([proc.returncode], proc.stdout[-3000:] + proc.stderr, results, "2-rank Lightning fit")
+    ranks = [torch.load(p, weights_only=True) for p in results]
     for state in ranks:
         assert state["world_size"] == 2
         assert state["next_step"] == 12 and state["num_frozen"] == 2

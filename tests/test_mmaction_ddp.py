@@ -24,10 +24,11 @@ pytest.importorskip("cv2")
 
 from layerlock_plugin.adapters.mmaction.compat import mmaction_root  # noqa: E402
 
+from teardown_abort import forgive_teardown_abort, torchrun_exit_codes  # noqa: E402
 from test_mmaction import TINY, _load_example  # noqa: E402
 
 LAUNCHER = textwrap.dedent('''
-    import runpy, sys
+    import os, runpy, sys
     import torch, torch.distributed as dist
     from mmengine.hooks import Hook
     from mmengine.registry import HOOKS
@@ -38,8 +39,9 @@ LAUNCHER = textwrap.dedent('''
             self.out = out
         def after_run(self, runner):
             model = runner.model.module if hasattr(runner.model, "module") else runner.model
-            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
-                       f"{self.out}/rank{dist.get_rank()}.pt")
+            path = f"{self.out}/rank{dist.get_rank()}.pt"
+            torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, path + ".tmp")
+            os.replace(path + ".tmp", path)  # complete or absent (see teardown_abort)
 
     dist.init_process_group("gloo")  # mmengine's init_dist would call torch.cuda.set_device
     sys.argv = sys.argv[1:]
@@ -47,7 +49,6 @@ LAUNCHER = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.timeout(400)
 def test_two_process_gloo_training_across_freeze_events(tmp_path):
     data = tmp_path / "clips"
     _load_example("make_tiny_clips").write_clips(data, num_clips=4, num_frames=24)
@@ -64,10 +65,12 @@ def test_two_process_gloo_training_across_freeze_events(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=380,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"})
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
+    results = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
+    codes = [0] if proc.returncode == 0 else torchrun_exit_codes(proc.stderr)  # torch's teardown abort is forgiven
+    forgive_teardown_abort(codes, log, results, "2-rank mmaction2 tools/train.py")
     assert log.count("rebuilt MMDistributedDataParallel") >= 2, log[-3000:]  # at steps 4 and 7 (rank 0 logs)
     assert "[layerlock] step 7: froze block_2 (2 blocks frozen); target -> layer_2" in log
-    r0, r1 = torch.load(tmp_path / "rank0.pt", weights_only=True), torch.load(tmp_path / "rank1.pt", weights_only=True)
+    r0, r1 = (torch.load(p, weights_only=True) for p in results)
     # Ranks see different clips and masks, so only synchronised gradients keep them identical.
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"ranks diverged at {k}"

@@ -558,7 +558,6 @@ TRAINER_SETS = [
 ]
 
 
-@pytest.mark.timeout(240)
 @pytest.mark.parametrize("method", ["mae", "layerlock"])
 def test_random_init_baseline_is_the_runs_own_initial_encoder(tmp_path, method):
     """The baseline is the run's model at its seed before any training step (with the latent readouts
@@ -645,7 +644,7 @@ def test_main_job_prints_and_saves_probes_beside_random_init(tmp_path, capsys):
 # The calibration ladder, coarsely: the probes must order features of known quality
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(480)  # trains an encoder of the reference architecture for 300 steps: ~90 s on CI's slow machine
 def test_probe_ladder_orders_features_of_known_quality():
     """On the embedded digits (small splits, 4 directions): hand-made motion features read motion far
     above chance, position-blind pooled raw pixels do not (the data is built so), and an encoder of the

@@ -1,6 +1,8 @@
 """Runs never overwrite, mix or silently change: run folders, resume, budgets, interruptions, config parsing.
 
-Every test drives the installed ``layerlock-train`` as a subprocess, the way a user meets these cases.
+Every test drives ``layerlock-train`` with a user's command lines and reads its exit code and output: the
+installed executable in its own process where the process matters (a kill, Ctrl-C, what the terminal shows
+of a whole run), its ``main()`` in this process otherwise (see ``cli_helpers``).
 """
 
 from __future__ import annotations
@@ -17,16 +19,14 @@ import pytest
 import torch
 import yaml
 
-from cli_helpers import checksums, command, rows, run_cli, tiny_args
-
-pytestmark = pytest.mark.timeout(600)
+from cli_helpers import checksums, command, rows, run_cli, run_main, tiny_args
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One uninterrupted tiny run (24 steps) that interrupted-and-resumed runs must equal."""
     root = tmp_path_factory.mktemp("reference")
-    out = run_cli(tiny_args("--out", "full"), root)
+    out = run_main(tiny_args("--out", "full"), root)
     assert out.returncode == 0, out.stderr
     return root / "full"
 
@@ -39,50 +39,66 @@ def _same_run(a: Path, b: Path) -> None:
     assert all(torch.equal(ma["model"][k], mb["model"][k]) for k in ma["model"]), "weights differ"
 
 
-# -- run folders --------------------------------------------------------------------------------------
-def test_resume_of_a_copied_run_writes_only_into_the_copy(tmp_path, reference):
-    assert run_cli(tiny_args("--out", "orig", "--stop-after", "13"), tmp_path).returncode == 0
-    shutil.copytree(tmp_path / "orig", tmp_path / "copy")
-    before = checksums(tmp_path / "orig")
-    out = run_cli(["--resume", "copy", "--no-progress"], tmp_path)
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory):
+    """The reference run stopped after step 13, made as ``--out src`` (the folder name its config holds)."""
+    root = tmp_path_factory.mktemp("stopped")
+    out = run_main(tiny_args("--out", "src", "--stop-after", "13"), root)
     assert out.returncode == 0, out.stderr
-    assert checksums(tmp_path / "orig") == before, "resuming the copy wrote into the original run"
+    return root / "src"
+
+
+def _src(stopped: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the stopped run, as ``src`` in ``tmp_path`` (where it was made, for its config)."""
+    return Path(shutil.copytree(stopped, tmp_path / "src"))
+
+
+# -- run folders --------------------------------------------------------------------------------------
+def test_resume_of_a_copied_run_writes_only_into_the_copy(tmp_path, reference, stopped):
+    shutil.copytree(_src(stopped, tmp_path), tmp_path / "copy")
+    before = checksums(tmp_path / "src")
+    out = run_main(["--resume", "copy", "--no-progress"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert checksums(tmp_path / "src") == before, "resuming the copy wrote into the original run"
     assert yaml.safe_load((tmp_path / "copy" / "config.yaml").read_text())["out_dir"] == "copy"
     _same_run(reference, tmp_path / "copy")
 
 
-def test_resume_into_another_folder_forks_and_leaves_the_source_untouched(tmp_path, reference):
-    assert run_cli(tiny_args("--out", "src", "--stop-after", "13"), tmp_path).returncode == 0
-    before = checksums(tmp_path / "src")
-    out = run_cli(["--resume", "src", "--out", "fork", "--no-progress"], tmp_path)
+def test_resume_into_another_folder_forks_and_leaves_the_source_untouched(tmp_path, reference, stopped):
+    before = checksums(_src(stopped, tmp_path))
+    out = run_main(["--resume", "src", "--out", "fork", "--no-progress"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert checksums(tmp_path / "src") == before
     _same_run(reference, tmp_path / "fork")
     # a fork needs a fresh folder, as a new run does
-    refused = run_cli(["--resume", "src", "--out", "fork"], tmp_path)
+    refused = run_main(["--resume", "src", "--out", "fork"], tmp_path)
     assert refused.returncode == 2 and "out_dir: fork holds a run" in refused.stderr
 
 
-def test_a_fork_is_self_contained_from_its_first_moment(tmp_path):
-    assert run_cli(tiny_args("--out", "src", "--stop-after", "13"), tmp_path).returncode == 0
+def test_a_fork_is_self_contained_from_its_first_moment(tmp_path, stopped):
+    _src(stopped, tmp_path)
     # the fork stops right away: it still holds a checkpoint of the resumed state, and resumes on its own
-    assert run_cli(["--resume", "src", "--out", "fork", "--stop-after", "14", "--no-progress"], tmp_path).returncode == 0
+    assert run_main(["--resume", "src", "--out", "fork", "--stop-after", "14", "--no-progress"], tmp_path).returncode == 0
     shutil.rmtree(tmp_path / "src")
     assert torch.load(tmp_path / "fork" / "checkpoint.pt", weights_only=True)["step"] == 14
-    assert run_cli(["--resume", "fork", "--no-progress"], tmp_path).returncode == 0
+    assert run_main(["--resume", "fork", "--no-progress"], tmp_path).returncode == 0
+
+
+# the probes' cheapest read-out, for the tests that only ask whether the probes ran
+LINEAR_PROBE = ["--set", "probe.kinds=[linear]", "--set", "probe.kind=linear"]
 
 
 def test_a_new_run_refuses_a_folder_that_holds_one_unless_overwrite_removes_it_all(tmp_path):
-    assert run_cli(tiny_args("--out", "run", probe=True), tmp_path).returncode == 0
+    assert run_main(tiny_args("--out", "run", *LINEAR_PROBE, probe=True), tmp_path).returncode == 0
     assert (tmp_path / "run" / "probes.json").is_file()
     before = checksums(tmp_path / "run")
-    refused = run_cli(tiny_args("--out", "run"), tmp_path)
+    refused = run_main(tiny_args("--out", "run"), tmp_path)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines() == [
         "layerlock-train: error: out_dir: run holds a run (with a checkpoint.pt); continue it with --resume run, "
         "replace it with --overwrite, or name another folder with --out"]
     assert checksums(tmp_path / "run") == before
-    out = run_cli(tiny_args("--out", "run", "--overwrite", "--set", "train.steps=8"), tmp_path)
+    out = run_main(tiny_args("--out", "run", "--overwrite", "--set", "train.steps=8"), tmp_path)
     assert out.returncode == 0, out.stderr
     assert not (tmp_path / "run" / "probes.json").exists(), "a stale probes.json survived --overwrite"
     assert rows(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 8
@@ -91,14 +107,14 @@ def test_a_new_run_refuses_a_folder_that_holds_one_unless_overwrite_removes_it_a
 def test_overwrite_never_deletes_files_that_are_not_a_runs(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    out = run_cli(tiny_args("--out", "mine", "--overwrite"), tmp_path)
+    out = run_main(tiny_args("--out", "mine", "--overwrite"), tmp_path)
     assert out.returncode == 2 and "holds files that are not a run's (notes.txt)" in out.stderr
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_without_out_a_new_run_gets_a_fresh_folder(tmp_path):
-    first = run_cli(tiny_args("--set", "train.steps=2"), tmp_path)
-    second = run_cli(tiny_args("--set", "train.steps=2"), tmp_path)
+    first = run_main(tiny_args("--set", "train.steps=2"), tmp_path)
+    second = run_main(tiny_args("--set", "train.steps=2"), tmp_path)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     folders = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert len(folders) == 2 and all(f.startswith("layerlock-") for f in folders)
@@ -118,13 +134,13 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.02)
 
 
-LONG = ["--set", "train.steps=160", "--set", "train.ckpt_every=10"]
+LONG = ["--set", "train.steps=80", "--set", "train.ckpt_every=10"]  # interrupted after step 20 or so
 
 
 @pytest.fixture(scope="module")
 def long_reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("long")
-    assert run_cli(tiny_args("--out", "full", *LONG), root).returncode == 0
+    assert run_main(tiny_args("--out", "full", *LONG), root).returncode == 0
     return root / "full"
 
 
@@ -146,10 +162,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_logs(tmp_path, long_reference
     finally:
         proc.communicate()
     saved = _checkpoint_step(run)
-    assert saved < 160 and rows(run / "metrics.jsonl")[-1]["step"] > saved
+    assert saved < 80 and rows(run / "metrics.jsonl")[-1]["step"] > saved
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 9999, "loss": 0.')  # the line a kill tears while it is being written
-    out = run_cli(["--resume", "run", "--no-progress"], tmp_path)
+    out = run_main(["--resume", "run", "--no-progress"], tmp_path)
     assert out.returncode == 0, out.stderr
     _same_run(long_reference, run)
 
@@ -165,20 +181,20 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resume_continues_exac
     saved = _checkpoint_step(run)
     assert f"stopped after step {saved} by SIGINT; checkpoint written" in stdout
     assert rows(run / "metrics.jsonl")[-1]["step"] == saved, "the logs run past the checkpoint"
-    out = run_cli(["--resume", "run", "--no-progress"], tmp_path)
+    out = run_main(["--resume", "run", "--no-progress"], tmp_path)
     assert out.returncode == 0, out.stderr
     _same_run(long_reference, run)
 
 
 # -- budgets and resume semantics -----------------------------------------------------------------------
 def test_stop_after_keeps_the_schedule_and_resume_finishes_bitwise(tmp_path, reference):
-    out = run_cli(tiny_args("--out", "run", "--stop-after", "11"), tmp_path)
+    out = run_main(tiny_args("--out", "run", "--stop-after", "11"), tmp_path)
     assert out.returncode == 0, out.stderr
     assert "stopped after step 11 as asked (--stop-after); checkpoint written. Continue with: " \
            "layerlock-train --resume run" in out.stdout
     lr_at_11 = rows(tmp_path / "run" / "metrics.jsonl")[-1]["lr"]
     assert lr_at_11 == rows(reference / "metrics.jsonl")[10]["lr"], "--stop-after changed the LR schedule"
-    resumed = run_cli(["--resume", "run", "--no-progress"], tmp_path)
+    resumed = run_main(["--resume", "run", "--no-progress"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     # one step count in every message
     assert "[layerlock] resuming at step 11:" in resumed.stdout and ", resuming at step 11" in resumed.stdout
@@ -186,25 +202,25 @@ def test_stop_after_keeps_the_schedule_and_resume_finishes_bitwise(tmp_path, ref
 
 
 def test_changing_the_budget_on_resume_is_refused_unless_extended_and_extension_says_what_changes(tmp_path):
-    assert run_cli(tiny_args("--out", "run", "--stop-after", "12"), tmp_path).returncode == 0
+    assert run_main(tiny_args("--out", "run", "--stop-after", "12"), tmp_path).returncode == 0
     before = checksums(tmp_path / "run")
     for args in (["--steps", "40"], ["--set", "train.steps=40"]):
-        out = run_cli(["--resume", "run", *args], tmp_path)
+        out = run_main(["--resume", "run", *args], tmp_path)
         assert out.returncode == 2
         assert out.stderr.strip().splitlines() == [
             "layerlock-train: error: train.steps: the resumed run's budget is 24 steps and train.steps=40 would "
             "recompute its LR schedule; say --extend 40 to do that (or --stop-after N to stop early keeping the "
             "schedule)"]
     for steps in (4, 12):  # at or below the resumed step: nothing to train
-        out = run_cli(["--resume", "run", "--set", f"train.steps={steps}"], tmp_path)
+        out = run_main(["--resume", "run", "--set", f"train.steps={steps}"], tmp_path)
         assert out.returncode == 2 and f"train.steps: {steps} is not above the resumed step 12" in out.stderr
     assert checksums(tmp_path / "run") == before
-    out = run_cli(["--resume", "run", "--extend", "40", "--no-progress"], tmp_path)
+    out = run_main(["--resume", "run", "--extend", "40", "--no-progress"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert ("extending the run from 24 to 40 steps: the cosine LR schedule is recomputed for 40 steps, so at step 12 "
             "the LR goes from ") in out.stdout
     assert rows(tmp_path / "run" / "metrics.jsonl")[-1]["step"] == 40
-    done = run_cli(["--resume", "run"], tmp_path)
+    done = run_main(["--resume", "run"], tmp_path)
     assert done.returncode == 2 and "the run is finished (extend it with --extend N, N > 40)" in done.stderr
 
 
@@ -225,18 +241,18 @@ def test_a_warmup_longer_than_the_run_is_warned_and_extend_describes_the_lr_curv
 
 
 def test_no_probe_is_said_on_resume_and_probe_turns_them_back_on(tmp_path):
-    assert run_cli(tiny_args("--out", "run", "--stop-after", "20"), tmp_path).returncode == 0
-    out = run_cli(["--resume", "run", "--probe", "--no-progress"], tmp_path)
+    assert run_main(tiny_args("--out", "run", "--stop-after", "20", *LINEAR_PROBE), tmp_path).returncode == 0
+    out = run_main(["--resume", "run", "--probe", "--no-progress"], tmp_path)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "run" / "probes.json").is_file()
-    assert run_cli(tiny_args("--out", "quiet", "--stop-after", "20"), tmp_path).returncode == 0
-    out = run_cli(["--resume", "quiet", "--no-progress"], tmp_path)
+    assert run_main(tiny_args("--out", "quiet", "--stop-after", "20"), tmp_path).returncode == 0
+    out = run_main(["--resume", "quiet", "--no-progress"], tmp_path)
     assert "note: probes are off in this run's config (probe.enabled: false, e.g. from --no-probe); add --probe" in out.stdout
     assert not (tmp_path / "quiet" / "probes.json").exists()
 
 
 # -- config parsing and messages -----------------------------------------------------------------------
-def test_scientific_numbers_parse_as_numbers_in_set_and_in_yaml(tmp_path):
+def test_scientific_numbers_parse_as_numbers_in_set_and_in_yaml(tmp_path, capfd):
     from layerlock_plugin.reference.config import load_config
 
     cfg = load_config(None, ["optim.lr=1e-3", "train.steps=5E2", "optim.weight_decay=5.0e-2"])
@@ -245,13 +261,13 @@ def test_scientific_numbers_parse_as_numbers_in_set_and_in_yaml(tmp_path):
     (tmp_path / "c.yaml").write_text("optim:\n  lr: 2e-4\ntrain:\n  steps: 1e3\n")
     cfg = load_config(tmp_path / "c.yaml")
     assert cfg.optim.lr == 0.0002 and cfg.train.steps == 1000
-    out = run_cli(["--set", "optim.lr=1e-3", "--print-config"], tmp_path)
-    assert out.returncode == 0 and "lr: 0.001" in out.stdout
+    out = run_main(["--set", "optim.lr=1e-3", "--print-config"], tmp_path)
+    assert out.returncode == 0 and "lr: 0.001" in capfd.readouterr().out  # written to /dev/stdout
 
 
 def test_yaml_syntax_errors_name_file_line_and_column(tmp_path):
     (tmp_path / "bad.yaml").write_text("model:\n  preset: tiny\n  depth: [1, 2\n")
-    out = run_cli(["--config", "bad.yaml", "--out", "x"], tmp_path)
+    out = run_main(["--config", "bad.yaml", "--out", "x"], tmp_path)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     line, = out.stderr.strip().splitlines()
     assert line.startswith("layerlock-train: error: --config bad.yaml: line 4, column 1: ")
@@ -259,9 +275,9 @@ def test_yaml_syntax_errors_name_file_line_and_column(tmp_path):
 
 
 def test_dry_run_applies_the_real_runs_batch_check(tmp_path):
-    out = run_cli(["--dry-run", "--world-size", "3", "--set", "train.strategy=ddp"], tmp_path)
+    out = run_main(["--dry-run", "--world-size", "3", "--set", "train.strategy=ddp"], tmp_path)
     assert out.returncode == 2 and "train.batch_size: 32 (the global batch) must be divisible by world size" in out.stderr
-    out = run_cli(["--dry-run", "--world-size", "64"], tmp_path)
+    out = run_main(["--dry-run", "--world-size", "64"], tmp_path)
     assert out.returncode == 2 and "train.strategy: 'none' runs one process; --world-size 64 needs" in out.stderr
 
 
@@ -281,7 +297,7 @@ def test_package_warnings_are_one_clean_line(tmp_path):
 def test_an_adaptive_run_without_events_says_so(tmp_path):
     adaptive = ["--set", "schedule.kind=adaptive", "--set", "schedule.adaptive.min_pixel_steps=1000",
                 "--set", "train.steps=30"]
-    out = run_cli(tiny_args("--out", "run", *adaptive), tmp_path)
+    out = run_main(tiny_args("--out", "run", *adaptive), tmp_path)
     assert out.returncode == 0, out.stderr
     assert "note: the adaptive schedule decided no freeze event in 30 steps" in out.stdout
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())

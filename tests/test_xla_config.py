@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import run_cli, tiny_args
+from cli_helpers import run_main, tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch_xla") is not None,
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("torch_xla") is not Non
 def test_xla_without_torch_xla_names_the_install_step(tmp_path, monkeypatch, sets, env):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    out = run_cli(tiny_args("--out", "runs/x", *sets), tmp_path, timeout=120)
+    out = run_main(tiny_args("--out", "runs/x", *sets), tmp_path)
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert out.returncode == 2 and len(lines) == 1, out.stderr
     assert "train.device" in lines[0] and "scripts/setup_xla_env.sh" in lines[0] and "torch-xla 2.9.0" in lines[0]
@@ -33,7 +33,7 @@ def test_xla_without_torch_xla_names_the_install_step(tmp_path, monkeypatch, set
 
 def test_auto_without_PJRT_DEVICE_stays_off_xla(tmp_path, monkeypatch):
     monkeypatch.delenv("PJRT_DEVICE", raising=False)
-    out = run_cli(tiny_args("--out", "runs/a", "--set", "train.device=auto", "--set", "train.steps=2"), tmp_path)
+    out = run_main(tiny_args("--out", "runs/a", "--set", "train.device=auto", "--set", "train.steps=2"), tmp_path)
     assert out.returncode == 0, out.stderr
 
 

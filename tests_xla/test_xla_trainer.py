@@ -5,6 +5,12 @@
 
 Every run is the CLI in its own process, as a user starts it (``CPU_NUM_DEVICES`` and SPMD are fixed per
 process). The tiny run crosses two freeze events with a target switch each (steps 10 and 25 of 40).
+
+Two choices keep these runs short on CPU. XLA compiles without LLVM's expensive optimisations (``XLA_FLAGS``
+below): the tests check the trainer's programs (how many, when, what they compute, resume, SPMD), not XLA's
+CPU code generation, and those passes took most of each compile (a 4-step run: 117 s -> 24 s here). The
+collapse guard measures every 15 steps, once per latent plan (its own test measures every 5): its SVD runs
+as an XLA while-loop that takes ~20 s per measured step on PJRT's CPU device.
 """
 
 from __future__ import annotations
@@ -19,18 +25,20 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = pytest.mark.timeout(600)  # a module fixture compiles ~9 XLA programs in its own process
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 STEPS, EVENTS, LOG_EVERY = 40, (10, 25), 5
 RUN = ["--set", "train.device=xla", "--set", f"train.steps={STEPS}", "--set", "schedule.pixel_steps=10",
        "--set", "schedule.interval=15", "--set", "schedule.max_frozen=2", "--set", "warmup.steps=5",
        "--set", "train.batch_size=8", "--set", "data.num_videos=64", "--set", "probe.enabled=false",
-       "--set", f"train.log_every={LOG_EVERY}", "--set", "guard.every=5", "--set", "train.progress=false",
+       "--set", f"train.log_every={LOG_EVERY}", "--set", "guard.every=15", "--set", "train.progress=false",
        "--set", "train.ckpt_every=5", "--set", "train.keep_last=10"]
 
 
 def cli(out: Path, *args: str, devices: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices)}
+    env = {**os.environ, "PJRT_DEVICE": "CPU", "CPU_NUM_DEVICES": str(devices),
+           "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()}
     proc = subprocess.run([sys.executable, "-m", "layerlock_plugin.reference.cli", "--out", str(out), *args],
                           env=env, capture_output=True, text=True, timeout=800)
     if check and proc.returncode != 0:
@@ -76,7 +84,7 @@ def test_two_freeze_events_finite_loss_and_frozen_blocks_bitwise(one_device):
 
 def test_compiles_a_few_programs_per_plan_and_none_once_it_runs(one_device):
     """XLA compiles when the program changes: at the start and at each freeze event (a new trainable set,
-    target head and its optimizer state), plus the guard's measuring step (every 5 steps) once per plan;
+    target head and its optimizer state), plus the guard's measuring step (every 15 steps) once per plan;
     the LR, which changes every step, never recompiles. Once a plan has run both kinds of steps, no
     compile until the next event."""
     compiles = [r["xla_compiles"] for r in rows(one_device, "throughput.jsonl")]
@@ -125,7 +133,8 @@ def test_guard_decides_at_log_steps_and_probes_run(tmp_path):
     the trips are counted in the log, and the run ends with probes (encoded on the device, trained on
     the CPU) and plots."""
     out = tmp_path / "guard"
-    proc = cli(out, *RUN, "--set", "train.steps=15", "--set", "guard.min_effective_rank=1.0", "--set", "guard.patience=1",
+    proc = cli(out, *RUN, "--set", "train.steps=15", "--set", "guard.every=5", "--set", "guard.min_effective_rank=1.0",
+               "--set", "guard.patience=1",
                "--set", "probe.enabled=true", "--set", "probe.train_videos=16", "--set", "probe.test_videos=16",
                "--set", "probe.steps=5")
     assert "collapse guard tripped at step 10" in proc.stderr + proc.stdout
