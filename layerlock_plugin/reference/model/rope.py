@@ -14,8 +14,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .layers import apply_rot_embed, freq_bands
-
 __all__ = ["RoPE3D", "apply_rope", "rope_part_dims", "sincos_pos_embed_3d"]
 
 
@@ -35,6 +33,8 @@ def apply_rope(x: torch.Tensor, emb: tuple[torch.Tensor, torch.Tensor]) -> torch
         sin, cos = sin.unsqueeze(1), cos.unsqueeze(1)
     r = sin.shape[-1]
     # Slicing off the unrotated channels keeps them bit-exact and saves the work on them.
+    from timm.layers import apply_rot_embed  # imported on use: the CLI's config checks start without timm
+
     return torch.cat([apply_rot_embed(x[..., :r], sin, cos), x[..., r:]], dim=-1)
 
 
@@ -78,6 +78,8 @@ class RoPE3D(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
 
     def _table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from timm.layers import freq_bands
+
         pos = _axis_positions(self.grid).float()  # [N, 3]
         angles = [
             # [N, d/2] angles -> [N, d] in timm's interleaved layout [f0, f0, f1, f1, ...]
@@ -115,6 +117,8 @@ class RoPE3D(nn.Module):
 
 def _sincos_1d(pos: torch.Tensor, dim: int, temperature: float) -> torch.Tensor:
     """``[N]`` positions -> ``[N, dim]`` = [sin | cos] (a zero channel pads an odd ``dim``)."""
+    from timm.layers import freq_bands
+
     half = dim // 2
     ang = pos.float()[:, None] * freq_bands(2 * half, temperature=temperature)[None]  # [N, half]
     out = torch.cat([ang.sin(), ang.cos()], dim=-1)

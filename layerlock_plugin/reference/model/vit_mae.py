@@ -30,7 +30,6 @@ from ...encoder import EncoderUnits, FreezeUnit, block_name, check_layers
 from ...errors import ConfigError
 from ...targets import head_name, patchify
 from .config import ModelConfig
-from .layers import DropPath, Mlp, trunc_normal_
 from .rope import RoPE3D, apply_rope, sincos_pos_embed_3d
 
 __all__ = ["VideoMAE", "Block", "Attention"]
@@ -78,6 +77,8 @@ class Block(nn.Module):
         drop_path: float = 0.0,
         rope_after_norm: bool = True,
     ):
+        from timm.layers import DropPath, Mlp  # imported on use: the CLI's config checks start without timm
+
         super().__init__()
         self.rope_after_norm = rope_after_norm
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
@@ -148,6 +149,8 @@ class VideoMAE(nn.Module):
         self.apply(self._init_weights)
         nn.init.normal_(self.query_token, std=0.02)
         if isinstance(self.pos_embed, nn.Parameter):
+            from timm.layers import trunc_normal_
+
             trunc_normal_(self.pos_embed, std=0.02)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
@@ -159,6 +162,8 @@ class VideoMAE(nn.Module):
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Conv3d)):
+            from timm.layers import trunc_normal_
+
             trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
