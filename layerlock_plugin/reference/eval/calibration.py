@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from ...targets import patchify
 from ..model import ModelConfig, VideoMAE
+from .supervised_multitask import next_batch, optimizer_step
 
 __all__ = ["MOTION_FEATURES", "SUPERVISED_LRS", "motion_tokens", "pixel_tokens", "train_supervised",
            "SupervisedEncoder", "held_out_split", "supervised_accuracy"]
@@ -171,19 +172,12 @@ def train_supervised(
         order = torch.empty(0, dtype=torch.long)
         model.train()
         for step in range(steps):
-            if len(order) < batch_size:
-                order = torch.cat([order, clips[torch.randperm(len(clips), generator=g)]])
-            idx, order = order[:batch_size], order[batch_size:]
+            idx, order = next_batch(order, clips, batch_size, g)
             items = [dataset[int(i)] for i in idx]
             video = torch.stack([it["video"] for it in items])
             labels = torch.stack([it[task] for it in items]).long()
             loss = F.cross_entropy(model(video), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if optim.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, model, opt, sched, optim.grad_clip)
             if log is not None:
                 log(step, float(loss.detach()))
     return model.eval()

@@ -21,7 +21,27 @@ from torch.utils.data import Dataset
 from ..model import ModelConfig, VideoMAE
 from .features import token_depth_targets
 
-__all__ = ["MultiTaskEncoder", "train_multitask", "multitask_accuracy"]
+__all__ = ["MultiTaskEncoder", "train_multitask", "multitask_accuracy", "next_batch", "optimizer_step"]
+
+
+def next_batch(order: torch.Tensor, clips: torch.Tensor, batch_size: int,
+               g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next ``batch_size`` clip indices from ``order`` (refilled with a fresh permutation of ``clips`` when
+    short: every clip once per pass), and what is left of ``order``."""
+    if len(order) < batch_size:
+        order = torch.cat([order, clips[torch.randperm(len(clips), generator=g)]])
+    return order[:batch_size], order[batch_size:]
+
+
+def optimizer_step(loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler, grad_clip: float) -> None:
+    """One update of a supervised rung: backward, clip (``grad_clip`` > 0), step, schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    sched.step()
 
 
 class MultiTaskEncoder(nn.Module):
@@ -100,9 +120,7 @@ def train_multitask(
         depth_stats: tuple[float, float] | None = None
         model.train()
         for step in range(steps):
-            if len(order) < batch_size:
-                order = torch.cat([order, clips[torch.randperm(len(clips), generator=g)]])
-            idx, order = order[:batch_size], order[batch_size:]
+            idx, order = next_batch(order, clips, batch_size, g)
             b = _batch(dataset, idx.tolist(), tasks, tubelet)
             out = model(b["video"])
             loss = sum(F.cross_entropy(out[t], b[t]) for t in tasks)
@@ -110,12 +128,7 @@ def train_multitask(
                 if depth_stats is None:
                     depth_stats = (float(b["depth"].mean()), max(float(b["depth"].std()), 1e-6))
                 loss = loss + F.mse_loss(out["depth"], (b["depth"] - depth_stats[0]) / depth_stats[1])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if optim.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
-            opt.step()
-            sched.step()
+            optimizer_step(loss, model, opt, sched, optim.grad_clip)
             if log is not None:
                 log(step, float(loss.detach()))
     return model.eval()
