@@ -20,7 +20,6 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 from transformers import (  # noqa: E402
-    TrainerCallback,
     TrainingArguments,
     VideoMAEConfig,
     VideoMAEForPreTraining,
@@ -136,7 +135,7 @@ def test_pixel_phase_is_videomaes_own_pretraining_loss(tmp_path):
 
 
 def test_freeze_events_targets_switch_and_metrics_reach_the_logs(run):
-    trainer, model = run["trainer"], run["model"]
+    trainer = run["trainer"]
     assert [(e.step, e.num_frozen, e.heads) for e in trainer.events] == [(3, 1, ("layer_1",)), (7, 2, ("layer_2",))]
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == STEPS

@@ -1,7 +1,6 @@
 """The reference trainer end to end on tiny settings: exact resume, the CLI's run folder, bad input."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -31,7 +31,7 @@ from torch import nn
 from layerlock_plugin.adapters.vjepa import LayerLockAdapter, LayerLockDDP, require_vjepa2  # [LayerLock]
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # vjepa_common.py, shared with the V-JEPA example
-from vjepa_common import (build, fast_forward, init_opt, layerlock_config, parse_args, resume, save,  # noqa: E402
+from vjepa_common import (build, fast_forward, layerlock_config, parse_args, resume, save,  # noqa: E402
                           setup_distributed, step_videos)
 
 require_vjepa2()  # a clear error naming the extra when cc-vjepa2 is missing

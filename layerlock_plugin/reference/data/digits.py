@@ -285,7 +285,7 @@ class DigitsVideoDataset(Dataset):
         """Render sample ``index`` (what ``dataset[index]`` returns without the cache)."""
         cfg = self.config
         p = self.sample_params(index)
-        T, S = cfg.num_frames, cfg.size
+        S = cfg.size
         # Background plane: a depth ramp across the frame, textured in world coordinates (so the
         # texture looks finer where it is farther) and darkened by fog.
         coords = (np.arange(S, dtype=np.float32) + 0.5) / S * 2.0 - 1.0
