@@ -134,6 +134,36 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.02)
 
 
+def _kill_when(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """SIGKILL the run at a moment when ``predicate`` holds. The run is paused (SIGSTOP) while the predicate
+    reads its files, so what it saw is still true when the kill lands: a run left going between the check
+    and the kill can write its next checkpoint in between (a race that failed CI once)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the run ended before the test could interrupt it: {proc.communicate()}"
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        proc.send_signal(signal.SIGSTOP)
+        if predicate():
+            proc.kill()
+            return
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(0.02)
+
+
+def _last_logged_step(run: Path) -> int:
+    """The step of the last whole row in metrics.jsonl (a paused run may have half written the next one)."""
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return -1
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return -1
+
+
 LONG = ["--set", "train.steps=80", "--set", "train.ckpt_every=10"]  # interrupted after step 20 or so
 
 
@@ -156,13 +186,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_logs(tmp_path, long_reference
     proc = _start(tiny_args("--out", "run", *LONG), tmp_path)
     try:
         # kill -9 once rows past the latest checkpoint were logged (they must not survive the resume)
-        _wait_for(lambda: _checkpoint_step(run) >= 20 and (run / "metrics.jsonl").is_file()
-                  and len(rows(run / "metrics.jsonl")) > _checkpoint_step(run) + 1, proc)
-        proc.kill()
+        _kill_when(lambda: _checkpoint_step(run) >= 20 and _last_logged_step(run) > _checkpoint_step(run) + 1, proc)
     finally:
         proc.communicate()
     saved = _checkpoint_step(run)
-    assert saved < 80 and rows(run / "metrics.jsonl")[-1]["step"] > saved
+    assert saved < 80 and _last_logged_step(run) > saved
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 9999, "loss": 0.')  # the line a kill tears while it is being written
     out = run_main(["--resume", "run", "--no-progress"], tmp_path)
