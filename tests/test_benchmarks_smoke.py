@@ -255,3 +255,33 @@ def test_main_job_speed_compares_against_a_commit_and_checks_the_numbers(tmp_pat
     res = json.loads(out.read_text())
     assert res["weights_bitwise_equal"] and res["probe_lines_identical"]
     assert res["median_ratio_checkout_over_baseline"]["wall_s"] > 0 and len(res["runs"]["baseline"]) == 1
+
+
+def _results_file(path, variant, probes_by_seed, steps=3000, config="cfg/evidence.yaml"):
+    runs = [{"variant": variant, "seed": s, "probes": p, "events": [[1500, 1]], "train_flops": 10.0 + s}
+            for s, p in probes_by_seed.items()]
+    path.write_text(json.dumps({"runs": runs, "methods": [variant], "steps": steps, "config_file": config,
+                                "extra_overrides": [], "provenance": {}}))
+    return path
+
+
+def test_compare_runs_pairs_variants_of_several_files_per_seed_and_refuses_another_setting(tmp_path, capsys):
+    cmp = _load("compare_runs")
+    probe = lambda m, d: {"motion_acc": m, "appearance_acc": 0.5, "turn_acc": 0.5, "dense_r2": d,  # noqa: E731
+                          "dense_attentive_r2": d, "dense_rmse": 1 - d}
+    a = _results_file(tmp_path / "a.json", "layerlock", {0: probe(0.50, 0.30), 1: probe(0.60, 0.31), 2: probe(0.70, 0.32)})
+    # the same variant name in another file: a later study with other overrides, seed 1 listed first
+    b = _results_file(tmp_path / "b.json", "layerlock", {1: probe(0.61, 0.41), 0: probe(0.52, 0.40), 2: probe(0.70, 0.42)})
+    out = tmp_path / "cmp"
+    assert cmp.main(["--reference", "explicit", "--runs", f"explicit={a}:layerlock",
+                     "--runs", f"adaptive={b}:layerlock", "--out", str(out)]) == 0
+    diff = json.loads(out.with_suffix(".json").read_text())["differences"]["adaptive"]
+    assert diff["seeds"] == [0, 1, 2]
+    assert diff["motion_acc"]["per_seed"] == pytest.approx([0.02, 0.01, 0.0])
+    assert diff["dense_r2"]["per_seed"] == pytest.approx([0.10, 0.10, 0.10]) and diff["dense_r2"]["verdict"] == "higher"
+    assert "adaptive seed 0: 1500 (1)" in out.with_suffix(".md").read_text()
+    other = _results_file(tmp_path / "c.json", "mae", {0: probe(0.5, 0.3)}, steps=1500)
+    capsys.readouterr()
+    assert cmp.main(["--reference", "explicit", "--runs", f"explicit={a}:layerlock", "--runs", f"mae={other}:mae",
+                     "--out", str(out)]) == 2
+    assert "another setting (config evidence.yaml, 1500 steps)" in capsys.readouterr().err

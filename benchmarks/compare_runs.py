@@ -1,0 +1,114 @@
+"""Paired comparison of variants taken from several ``reproduction.py`` results files.
+
+``reproduction.py`` compares the variants of one call; a later study of the same setting (another schedule,
+another target knob) lands in a results file of its own and may reuse a variant name with other overrides
+(``layerlock`` with ``--set schedule.kind=adaptive``). This script puts such runs side by side under names
+of your choosing, paired per seed against one of them, with the same statistics as ``reproduction.py``:
+
+    python benchmarks/compare_runs.py --reference mae \\
+        --runs mae=benchmarks/results/reproduction-evidence.json:mae \\
+        --runs layerlock=benchmarks/results/reproduction-evidence.json:layerlock \\
+        --runs layerlock-adaptive=benchmarks/results/reproduction-evidence-adaptive.json:layerlock \\
+        --out benchmarks/results/compare-evidence-adaptive
+
+Every file must hold runs of the same config file name and step budget (else the comparison is refused).
+Writes ``OUT.json`` (the rows compared, differences, each file's provenance) and ``OUT.md`` (means, paired
+differences, each run's freeze events).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import aggregate_seeds, paired_markdown, paired_table, write_json  # noqa: E402
+from reproduction import METRICS  # noqa: E402
+
+
+def parse_spec(spec: str) -> tuple[str, Path, str]:
+    """``NAME=FILE:VARIANT`` -> (name, file, variant)."""
+    name, sep, rest = spec.partition("=")
+    path, sep2, variant = rest.rpartition(":")
+    if not (sep and sep2 and name and path and variant):
+        raise ValueError(f"--runs: {spec!r} is not NAME=FILE:VARIANT")
+    return name, Path(path), variant
+
+
+def load_rows(specs: list[str]) -> tuple[list[dict[str, Any]], list[str], dict[str, Any]]:
+    """The runs each spec names, relabelled ``name``; refuses files of another setting than the first's."""
+    rows, names, sources, setting = [], [], {}, None
+    for spec in specs:
+        name, path, variant = parse_spec(spec)
+        if name in names:
+            raise ValueError(f"--runs: the name {name!r} is given twice")
+        data = json.loads(path.read_text())
+        mine = [{**r, "name": name} for r in data["runs"] if r["variant"] == variant]
+        if not mine:
+            raise ValueError(f"--runs: {path} holds no runs of {variant!r} (it has {', '.join(data['methods'])})")
+        this = (Path(str(data.get("config_file"))).name, data["steps"])
+        if setting is None:
+            setting = this
+        elif this != setting:
+            raise ValueError(f"--runs: {path} is another setting (config {this[0]}, {this[1]} steps) than "
+                             f"the first file's (config {setting[0]}, {setting[1]} steps)")
+        rows += mine
+        names.append(name)
+        sources[name] = {"file": str(path), "variant": variant, "extra_overrides": data.get("extra_overrides"),
+                         "provenance": data.get("provenance")}
+    return rows, names, {"config": setting[0], "steps": setting[1], "sources": sources}
+
+
+def markdown(rows, names, reference, table, diffs, setting) -> str:
+    metrics = [(k, h) for k, h, _ in METRICS if all(k in r["probes"] for r in rows)]
+    lines = [f"Runs of `{setting['config']}`, {setting['steps']} steps, from several results files "
+             "(`benchmarks/compare_runs.py`):", "",
+             "| name | file : variant | extra overrides |", "|---|---|---|"]
+    for name in names:
+        s = setting["sources"][name]
+        lines.append(f"| {name} | `{s['file']}` : {s['variant']} | {' '.join(s['extra_overrides'] or []) or '–'} |")
+    lines += ["", "| name (seeds) | " + " | ".join(h for _, h in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, e in table.items():
+        cells = [f"{e[k][0]:.3f} ± {e[k][1]:.3f}" for k, _ in metrics]
+        lines.append(f"| {name} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells) + " |")
+    lines.append(paired_markdown(diffs, reference, metrics))
+    lines += ["Freeze events per run (step, blocks frozen after it):", ""]
+    for r in sorted(rows, key=lambda r: (names.index(r["name"]), r["seed"])):
+        events = ", ".join(f"{s} ({n})" for s, n in r.get("events", [])) or "none"
+        lines.append(f"- {r['name']} seed {r['seed']}: {events}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", action="append", required=True, metavar="NAME=FILE:VARIANT",
+                   help="the runs of VARIANT in results file FILE, shown as NAME (repeat for each)")
+    p.add_argument("--reference", required=True, help="the NAME every other is compared with per seed")
+    p.add_argument("--out", type=Path, required=True, help="output path without suffix (.json and .md written)")
+    args = p.parse_args(argv)
+    try:
+        rows, names, setting = load_rows(args.runs)
+        if args.reference not in names:
+            raise ValueError(f"--reference: {args.reference!r} is none of the names given ({', '.join(names)})")
+    except (OSError, ValueError, KeyError) as e:
+        print(f"compare_runs: {e}", file=sys.stderr)
+        return 2
+    keys = [k for k, _, _ in METRICS if all(k in r["probes"] for r in rows)]
+    table = aggregate_seeds(rows, names, "name", keys, [])
+    diffs = paired_table(rows, names, args.reference, "name", keys)
+    write_json(args.out.with_suffix(".json"), {"setting": setting, "reference": args.reference, "table": table,
+                                               "differences": diffs,
+                                               "runs": [{k: v for k, v in r.items() if k != "collapse_over_time"}
+                                                        for r in rows]})
+    md = markdown(rows, names, args.reference, table, diffs, setting)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
