@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import aggregate_seeds, paired_markdown, paired_table, write_json  # noqa: E402
+from _common import aggregate_seeds, paired_markdown, paired_table, provenance, write_json  # noqa: E402
 from reproduction import METRICS  # noqa: E402
 
 
@@ -100,11 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     keys = [k for k, _, _ in METRICS if all(k in r["probes"] for r in rows)]
     table = aggregate_seeds(rows, names, "name", keys, [])
     diffs = paired_table(rows, names, args.reference, "name", keys)
-    write_json(args.out.with_suffix(".json"), {"setting": setting, "reference": args.reference, "table": table,
-                                               "differences": diffs,
-                                               "runs": [{k: v for k, v in r.items() if k != "collapse_over_time"}
-                                                        for r in rows]})
-    md = markdown(rows, names, args.reference, table, diffs, setting)
+    meta = provenance(["benchmarks/compare_runs.py", *(sys.argv[1:] if argv is None else argv)])
+    runs = [{k: v for k, v in r.items() if k != "collapse_over_time"} for r in rows]
+    write_json(args.out.with_suffix(".json"), {"provenance": meta, "setting": setting, "reference": args.reference,
+                                               "table": table, "differences": diffs, "runs": runs})
+    md = markdown(rows, names, args.reference, table, diffs, setting) + f"\nCommand: `{meta['command']}`\n"
     args.out.with_suffix(".md").write_text(md)
     print(md)
     return 0
