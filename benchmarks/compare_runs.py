@@ -12,6 +12,8 @@ of your choosing, paired per seed against one of them, with the same statistics 
         --out benchmarks/results/compare-evidence-adaptive
 
 Every file must hold runs of the same config file name and step budget (else the comparison is refused).
+A name may be given for several files (one per seed, say, each replaying that seed's schedule), each seed
+once.
 Writes ``OUT.json`` (the rows compared, differences, each file's provenance) and ``OUT.md`` (means, paired
 differences, each run's freeze events).
 """
@@ -43,12 +45,14 @@ def load_rows(specs: list[str]) -> tuple[list[dict[str, Any]], list[str], dict[s
     rows, names, sources, setting = [], [], {}, None
     for spec in specs:
         name, path, variant = parse_spec(spec)
-        if name in names:
-            raise ValueError(f"--runs: the name {name!r} is given twice")
         data = json.loads(path.read_text())
         mine = [{**r, "name": name} for r in data["runs"] if r["variant"] == variant]
         if not mine:
             raise ValueError(f"--runs: {path} holds no runs of {variant!r} (it has {', '.join(data['methods'])})")
+        # one name may gather several files (e.g. one per seed, each with its own replayed schedule)
+        taken = {r["seed"] for r in rows if r["name"] == name} & {r["seed"] for r in mine}
+        if taken:
+            raise ValueError(f"--runs: {name!r} already has seed(s) {sorted(taken)}; a name takes each seed once")
         this = (Path(str(data.get("config_file"))).name, data["steps"])
         if setting is None:
             setting = this
@@ -56,9 +60,12 @@ def load_rows(specs: list[str]) -> tuple[list[dict[str, Any]], list[str], dict[s
             raise ValueError(f"--runs: {path} is another setting (config {this[0]}, {this[1]} steps) than "
                              f"the first file's (config {setting[0]}, {setting[1]} steps)")
         rows += mine
-        names.append(name)
-        sources[name] = {"file": str(path), "variant": variant, "extra_overrides": data.get("extra_overrides"),
-                         "provenance": data.get("provenance")}
+        if name not in names:
+            names.append(name)
+        sources.setdefault(name, []).append({"file": str(path), "variant": variant,
+                                             "seeds": sorted(r["seed"] for r in mine),
+                                             "extra_overrides": data.get("extra_overrides"),
+                                             "provenance": data.get("provenance")})
     return rows, names, {"config": setting[0], "steps": setting[1], "sources": sources}
 
 
@@ -66,10 +73,11 @@ def markdown(rows, names, reference, table, diffs, setting) -> str:
     metrics = [(k, h) for k, h, _ in METRICS if all(k in r["probes"] for r in rows)]
     lines = [f"Runs of `{setting['config']}`, {setting['steps']} steps, from several results files "
              "(`benchmarks/compare_runs.py`):", "",
-             "| name | file : variant | extra overrides |", "|---|---|---|"]
+             "| name | file : variant (seeds) | extra overrides |", "|---|---|---|"]
     for name in names:
-        s = setting["sources"][name]
-        lines.append(f"| {name} | `{s['file']}` : {s['variant']} | {' '.join(s['extra_overrides'] or []) or '–'} |")
+        for s in setting["sources"][name]:
+            lines.append(f"| {name} | `{s['file']}` : {s['variant']} ({', '.join(map(str, s['seeds']))}) | "
+                         f"{' '.join(s['extra_overrides'] or []) or '–'} |")
     lines += ["", "| name (seeds) | " + " | ".join(h for _, h in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, e in table.items():
         cells = [f"{e[k][0]:.3f} ± {e[k][1]:.3f}" for k, _ in metrics]

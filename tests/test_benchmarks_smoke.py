@@ -269,17 +269,31 @@ def test_compare_runs_pairs_variants_of_several_files_per_seed_and_refuses_anoth
     cmp = _load("compare_runs")
     probe = lambda m, d: {"motion_acc": m, "appearance_acc": 0.5, "turn_acc": 0.5, "dense_r2": d,  # noqa: E731
                           "dense_attentive_r2": d, "dense_rmse": 1 - d}
-    a = _results_file(tmp_path / "a.json", "layerlock", {0: probe(0.50, 0.30), 1: probe(0.60, 0.31), 2: probe(0.70, 0.32)})
+    a = _results_file(tmp_path / "a.json", "layerlock",
+                      {0: probe(0.50, 0.30), 1: probe(0.60, 0.31), 2: probe(0.70, 0.32)})
     # the same variant name in another file: a later study with other overrides, seed 1 listed first
-    b = _results_file(tmp_path / "b.json", "layerlock", {1: probe(0.61, 0.41), 0: probe(0.52, 0.40), 2: probe(0.70, 0.42)})
+    b = _results_file(tmp_path / "b.json", "layerlock",
+                      {1: probe(0.61, 0.41), 0: probe(0.52, 0.40), 2: probe(0.70, 0.42)})
     out = tmp_path / "cmp"
     assert cmp.main(["--reference", "explicit", "--runs", f"explicit={a}:layerlock",
                      "--runs", f"adaptive={b}:layerlock", "--out", str(out)]) == 0
     diff = json.loads(out.with_suffix(".json").read_text())["differences"]["adaptive"]
     assert diff["seeds"] == [0, 1, 2]
     assert diff["motion_acc"]["per_seed"] == pytest.approx([0.02, 0.01, 0.0])
-    assert diff["dense_r2"]["per_seed"] == pytest.approx([0.10, 0.10, 0.10]) and diff["dense_r2"]["verdict"] == "higher"
+    assert diff["dense_r2"]["per_seed"] == pytest.approx([0.10, 0.10, 0.10])
+    assert diff["dense_r2"]["verdict"] == "higher"
     assert "adaptive seed 0: 1500 (1)" in out.with_suffix(".md").read_text()
+    # one name gathered from one file per seed; a seed given twice is refused
+    per_seed = [_results_file(tmp_path / f"s{seed}.json", "freeze-only", {seed: probe(0.5, 0.2)})
+                for seed in (0, 1, 2)]
+    assert cmp.main(["--reference", "explicit", "--runs", f"explicit={a}:layerlock",
+                     *[x for f in per_seed for x in ("--runs", f"replayed={f}:freeze-only")], "--out", str(out)]) == 0
+    diff = json.loads(out.with_suffix(".json").read_text())["differences"]["replayed"]
+    assert diff["seeds"] == [0, 1, 2] and diff["dense_r2"]["per_seed"] == pytest.approx([-0.10, -0.11, -0.12])
+    capsys.readouterr()
+    twice = ["--runs", f"replayed={per_seed[0]}:freeze-only"] * 2
+    assert cmp.main(["--reference", "explicit", "--runs", f"explicit={a}:layerlock", *twice, "--out", str(out)]) == 2
+    assert "'replayed' already has seed(s) [0]" in capsys.readouterr().err
     other = _results_file(tmp_path / "c.json", "mae", {0: probe(0.5, 0.3)}, steps=1500)
     capsys.readouterr()
     assert cmp.main(["--reference", "explicit", "--runs", f"explicit={a}:layerlock", "--runs", f"mae={other}:mae",
