@@ -250,19 +250,36 @@ def test_tensorboard_scalars_and_plots_with_the_applied_lr(tmp_path):
     assert metrics[7]["layerlock/warmup_factor"] < 1
 
 
+def _wandb_folder_report(run: Path) -> str:
+    """What a failed W&B check needs to be understood: the files of ``run/wandb`` and the tail of W&B's own
+    debug logs (W&B runs its own service process; its failures show only there)."""
+    folder = run / "wandb"
+    if not folder.is_dir():
+        return f"{folder} does not exist"
+    files = sorted(str(f.relative_to(folder)) for f in folder.rglob("*"))
+    logs = "".join(f"\n--- {f.relative_to(folder)} (last lines)\n"
+                   + "\n".join(f.read_text(errors="replace").splitlines()[-15:])
+                   for f in sorted(folder.glob("*/logs/debug*.log")))
+    return f"files: {files}{logs}"
+
+
 def test_wandb_offline_logs_into_the_run_folder_and_resumes_the_same_run(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     args = tiny_args("--out", "run", "--set", "train.wandb.project=layerlock-test", "--set", "train.wandb.mode=offline",
                      "--set", "train.steps=8")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
     out = run_main([*args, "--stop-after", "4"], tmp_path)
-    assert out.returncode == 0, out.stderr
-    run_id = (tmp_path / "run" / "wandb" / "wandb_run_id").read_text().strip()
+    assert out.returncode == 0, out.stderr + _wandb_folder_report(run)
+    run_id = (run / "wandb" / "wandb_run_id").read_text().strip()
     out = run_main(["--resume", "run", "--no-progress"], tmp_path)
-    assert out.returncode == 0, out.stderr
-    assert (tmp_path / "run" / "wandb" / "wandb_run_id").read_text().strip() == run_id
-    logs = list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
-    assert logs and all(b"layerlock/num_frozen" in p.read_bytes() for p in logs)
+    assert out.returncode == 0, out.stderr + _wandb_folder_report(run)
+    assert (run / "wandb" / "wandb_run_id").read_text().strip() == run_id
+    # one offline folder per session; W&B names a second one started in the same second "...-{id}-1"
+    logs = list((run / "wandb").glob(f"offline-run-*-{run_id}*/run-{run_id}.wandb"))
+    assert len(logs) == 2, f"not one offline log per session of run {run_id}; " + _wandb_folder_report(run)
+    missing = [str(f) for f in logs if b"layerlock/num_frozen" not in f.read_bytes()]
+    assert not missing, f"{missing} lack the LayerLock metrics; " + _wandb_folder_report(run)
 
 
 def test_a_missing_wandb_is_refused_naming_the_extra(tmp_path, monkeypatch):
