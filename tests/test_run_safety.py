@@ -143,7 +143,12 @@ def _kill_when(predicate, proc: subprocess.Popen, timeout: float = 240) -> None:
         assert proc.poll() is None, f"the run ended before the test could interrupt it: {proc.communicate()}"
         assert time.monotonic() < deadline, "timed out waiting for the run"
         proc.send_signal(signal.SIGSTOP)
-        if predicate():
+        try:
+            ready = predicate()
+        except BaseException:
+            proc.send_signal(signal.SIGCONT)  # never leave the run paused: the caller waits for it to end
+            raise
+        if ready:
             proc.kill()
             return
         proc.send_signal(signal.SIGCONT)
