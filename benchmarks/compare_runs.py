@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import aggregate_seeds, paired_markdown, paired_table, provenance, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    aggregate_seeds, paired_markdown, paired_table, provenance, seeds_markdown, write_json)
 from reproduction import METRICS  # noqa: E402
 
 
@@ -69,7 +70,9 @@ def load_rows(specs: list[str]) -> tuple[list[dict[str, Any]], list[str], dict[s
     return rows, names, {"config": setting[0], "steps": setting[1], "sources": sources}
 
 
-def markdown(rows, names, reference, table, diffs, setting) -> str:
+def markdown(rows, names, reference, table, diffs, setting, meta) -> str:
+    """Where each name's runs come from, their means (:func:`seeds_markdown`), the paired differences
+    against ``reference`` and each run's freeze events."""
     metrics = [(k, h) for k, h, _ in METRICS if all(k in r["probes"] for r in rows)]
     lines = [f"Runs of `{setting['config']}`, {setting['steps']} steps, from several results files "
              "(`benchmarks/compare_runs.py`):", "",
@@ -78,10 +81,9 @@ def markdown(rows, names, reference, table, diffs, setting) -> str:
         for s in setting["sources"][name]:
             lines.append(f"| {name} | `{s['file']}` : {s['variant']} ({', '.join(map(str, s['seeds']))}) | "
                          f"{' '.join(s['extra_overrides'] or []) or '–'} |")
-    lines += ["", "| name (seeds) | " + " | ".join(h for _, h in metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for name, e in table.items():
-        cells = [f"{e[k][0]:.3f} ± {e[k][1]:.3f}" for k, _ in metrics]
-        lines.append(f"| {name} ({', '.join(map(str, e['seeds']))}) | " + " | ".join(cells) + " |")
+    lines += ["", seeds_markdown(table, metrics, setting["steps"], meta,
+                                 note="Where and when each run ran: the provenance in its results file; the machine and date "
+                                      "that follow are where the comparison was made.")]
     lines.append(paired_markdown(diffs, reference, metrics))
     lines += ["Freeze events per run (step, blocks frozen after it):", ""]
     for r in sorted(rows, key=lambda r: (names.index(r["name"]), r["seed"])):
@@ -112,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [{k: v for k, v in r.items() if k != "collapse_over_time"} for r in rows]
     write_json(args.out.with_suffix(".json"), {"provenance": meta, "setting": setting, "reference": args.reference,
                                                "table": table, "differences": diffs, "runs": runs})
-    md = markdown(rows, names, args.reference, table, diffs, setting) + f"\nCommand: `{meta['command']}`\n"
+    md = markdown(rows, names, args.reference, table, diffs, setting, meta)
     args.out.with_suffix(".md").write_text(md)
     print(md)
     return 0
