@@ -81,9 +81,9 @@ def markdown(rows, names, reference, table, diffs, setting, meta) -> str:
         for s in setting["sources"][name]:
             lines.append(f"| {name} | `{s['file']}` : {s['variant']} ({', '.join(map(str, s['seeds']))}) | "
                          f"{' '.join(s['extra_overrides'] or []) or '–'} |")
-    lines += ["", seeds_markdown(table, metrics, setting["steps"], meta,
-                                 note="Where and when each run ran: the provenance in its results file; the machine and date "
-                                      "that follow are where the comparison was made.")]
+    note = ("Where and when each run ran: the provenance in its results file; the machine and date that follow "
+            "are where the comparison was made.")
+    lines += ["", seeds_markdown(table, metrics, setting["steps"], meta, note=note)]
     lines.append(paired_markdown(diffs, reference, metrics))
     lines += ["Freeze events per run (step, blocks frozen after it):", ""]
     for r in sorted(rows, key=lambda r: (names.index(r["name"]), r["seed"])):
