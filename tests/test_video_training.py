@@ -8,6 +8,7 @@ The 2-process part runs this file as a script under 2 spawned processes (``pytho
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import torch
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parent))
 
+from teardown_abort import forgive_teardown_abort, save_atomic  # noqa: E402
 from video_helpers import av, needs_av, write_clip  # noqa: E402
 
 from layerlock_plugin.reference.config import load_config  # noqa: E402
@@ -131,8 +133,12 @@ def test_two_ranks_on_shards_resume_exactly_and_share_one_folder_index(tmp_path,
            "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, str(HERE), str(tmp_path), videos[1], str(videos[0])], env=env,
                           cwd=HERE.parent, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # a rank killed by a signal is reported by the launcher below as "rank exit code: N"
+    codes = [0] if proc.returncode == 0 else [
+        int(c) for c in re.findall(r"^rank exit code: (-?\d+)$", proc.stderr, flags=re.M)]
+    results = [tmp_path / f"rank{r}.pt" for r in (0, 1)]
+    forgive_teardown_abort(codes, proc.stdout[-3000:] + proc.stderr, results, "the 2-rank shards run")
+    r0, r1 = (torch.load(path, weights_only=True) for path in results)
     for r in (r0, r1):
         assert r["resume_equal"], "the 2-rank run resumed from its DCP checkpoint diverged"
         assert r["index_calls"] == (1 if r is r0 else 0) and r["index_len"] == 6
@@ -167,7 +173,7 @@ def _worker(rank: int, world: int, out: Path, urls: str, root: str) -> None:
     env = trainer_module.setup("ddp", "cpu")
     index = trainer_module._index_once(cfg, env)
     report["index_calls"], report["index_len"] = len(calls), len(index.paths)
-    torch.save(report, out / f"rank{rank}.pt")
+    save_atomic(report, out / f"rank{rank}.pt")  # complete before the teardown (see teardown_abort)
     dist.destroy_process_group()
 
 
@@ -175,4 +181,8 @@ if __name__ == "__main__":
     import torch.multiprocessing as mp
 
     out_dir, shard_urls, folder = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-    mp.spawn(_worker, args=(2, out_dir, shard_urls, folder), nprocs=2, join=True)
+    try:
+        mp.spawn(_worker, args=(2, out_dir, shard_urls, folder), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:  # killed by a signal (a Python exception is ProcessRaisedException)
+        print(f"rank exit code: {e.exit_code}", file=sys.stderr)
+        raise
